@@ -1,0 +1,5 @@
+import sys
+
+from dlfa.cli.main import main
+
+sys.exit(main())
