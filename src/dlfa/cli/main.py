@@ -1,0 +1,158 @@
+"""The ``dlfa`` command line. It only parses options into configs and calls the recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from dlfa.errors import DlfaInputError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2) like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise DlfaInputError(f"{self.prog}: {message}")
+
+
+def _languages(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _fuse_layer(text: str) -> int | None:
+    if text.lower() in ("none", "baseline"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise DlfaInputError(f"must be an integer layer number or 'none', got {text!r}", option="--fuse-layer") from None
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON file with TrainConfig fields; options given here override it")
+    p.add_argument("--task", help="udpos (more tasks: see `dlfa tasks`)")
+    p.add_argument("--model", help="embedded:multilingual-e5-small (default), a Hugging Face id or a local folder")
+    p.add_argument("--data-dir", help="folder with the task's files (e.g. ../shared/data/udpos)")
+    p.add_argument("--output", dest="output_dir", help="run folder to create")
+    p.add_argument("--fuse-layer", type=_fuse_layer, default=argparse.SUPPRESS,
+                   help="DLFA: fuse the last layer with this layer (1..N-1); 'none' = baseline")
+    p.add_argument("--reduction", type=int, help="AIF bottleneck reduction ratio r (default 4)")
+    p.add_argument("--languages", type=_languages, help="comma-separated target languages, or 'all' (default)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--eval-every", type=int, help="optimizer steps between English-dev evaluations (default: each epoch)")
+    p.add_argument("--max-train-examples", type=int)
+    p.add_argument("--max-dev-examples", type=int)
+    p.add_argument("--max-eval-examples", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--freeze-embeddings", action="store_true", default=None)
+    p.add_argument("--cpu", action="store_true", default=None)
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dlfa", description="Zero-shot cross-lingual transfer with DLFA feature aggregation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="fine-tune on English, select on English dev, score target languages")
+    _add_train_options(train)
+
+    evaluate = sub.add_parser("evaluate", help="score a trained run (or saved model) on target languages")
+    evaluate.add_argument("--run", required=True, help="a run folder (or the best/ model folder inside it)")
+    evaluate.add_argument("--data-dir", help="task data folder (default: the run's)")
+    evaluate.add_argument("--languages", type=_languages, help="comma-separated languages or 'all'")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--max-eval-examples", type=int)
+    evaluate.add_argument("--output", help="write the metrics JSON here (default: print only)")
+
+    demo = sub.add_parser("demo", help="baseline vs DLFA on the shipped POS sample with the embedded model")
+    demo.add_argument("--output", default="demo-output")
+    demo.add_argument("--fuse-layer", type=int, default=8)
+    demo.add_argument("--epochs", type=float, default=4)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
+
+    sub.add_parser("tasks", help="list the tasks with their metrics and languages")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dlfa.training.config import TrainConfig
+    from dlfa.training.recipe import FinetuneRecipe
+
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config", "overwrite")}
+    config = TrainConfig.from_dict({**base, **given})
+    result = FinetuneRecipe(config, overwrite=args.overwrite).run()
+    _print_run_summary(result)
+    return 0
+
+
+def _print_run_summary(result: dict) -> None:
+    from dlfa.reporting.tables import format_score, markdown_table
+
+    metric = result["primary_metric"]
+    rows = [[lang, format_score(m[metric])] + ([format_score(m["accuracy"])] if "accuracy" in m and metric != "accuracy" else [])
+            for lang, m in result["languages"].items()]
+    headers = ["language", metric] + (["accuracy"] if rows and len(rows[0]) == 3 else [])
+    avg = result["average"]
+    rows.append(["average", format_score(avg[metric])] + ([format_score(avg["accuracy"])] if len(headers) == 3 else []))
+    print(markdown_table(headers, rows))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dlfa.evaluation.run_eval import evaluate_run
+
+    result = evaluate_run(args.run, data_dir=args.data_dir, languages=args.languages, batch_size=args.batch_size,
+                          max_examples=args.max_eval_examples, output=args.output)
+    _print_run_summary(result)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dlfa.training.demo import DemoConfig, run_demo
+
+    config = DemoConfig(output_dir=args.output, fuse_layer=args.fuse_layer, epochs=args.epochs, seed=args.seed)
+    if args.model:
+        config.model = args.model
+    run_demo(config, overwrite=args.overwrite)
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from dlfa.tasks import TASKS
+
+    for task in TASKS.values():
+        print(json.dumps({"task": task.name, "head": task.head, "metric": task.primary_metric,
+                          "eval_split": task.eval_split, "labels": len(task.labels), "languages": list(task.languages)}))
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "demo": _demo, "tasks": _tasks}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except DlfaInputError as exc:
+        print(f"dlfa: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("dlfa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Zero-shot evaluation: predict with length-sorted batches, then score with the task's metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dlfa.data.batching import Collator, sorted_batches
+from dlfa.modeling.modeling_dlfa import DLFAModel
+from dlfa.tasks.base import Task
+
+
+@torch.no_grad()
+def predict(
+    model: DLFAModel,
+    features: Sequence[dict],
+    collator: Collator,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    sort_by_length: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> list:
+    """Per-feature predictions in the original feature order.
+
+    Token heads give, per feature, the predicted label ids at its labelled positions; sequence heads give
+    one label id per feature.
+    """
+    was_training = model.training
+    model.eval()
+    results: list = [None] * len(features)
+    batches = sorted_batches(features, batch_size, sort=sort_by_length)
+    device = torch.device(device)
+    for indices in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+        batch = collator([features[i] for i in indices])
+        labels = batch.pop("labels", None)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(**batch).logits
+        predicted = logits.argmax(dim=-1).cpu()
+        if model.config.head == "token":
+            assert labels is not None, "token features carry labels that mark the scored positions"
+            for row, index in enumerate(indices):
+                results[index] = predicted[row][labels[row] != -100].tolist()
+        else:
+            for row, index in enumerate(indices):
+                results[index] = int(predicted[row])
+    model.train(was_training)
+    return results
+
+
+def evaluate_examples(
+    task: Task,
+    model: DLFAModel,
+    examples: Sequence,
+    features: Sequence[dict],
+    collator: Collator,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    predictions = predict(model, features, collator, batch_size, device, desc, autocast_dtype=autocast_dtype)
+    return task.score(examples, features, predictions)
+
+
+def average(per_language: dict[str, dict[str, float]], metric: str, exclude: Sequence[str] = ()) -> float | None:
+    values = [m[metric] for lang, m in per_language.items() if lang not in exclude]
+    return sum(values) / len(values) if values else None

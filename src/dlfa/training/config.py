@@ -1,0 +1,102 @@
+"""The configuration of one fine-tuning run. Fields left as ``None`` take the task's XTREME defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlfa.errors import DlfaInputError
+
+DEFAULT_MODEL = "embedded:multilingual-e5-small"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "udpos"
+    model: str = DEFAULT_MODEL
+    data_dir: str = ""
+    output_dir: str = "runs/run"
+    # DLFA: fuse the last layer with this layer (1..N-1); None is the baseline.
+    fuse_layer: int | None = None
+    reduction: int = 4
+    aif_norm: str = "layernorm"
+    # Zero-shot protocol: train and select on train_language; score the target languages.
+    train_language: str = "en"
+    train_split: str = "train"
+    dev_split: str = "dev"
+    languages: list[str] | None = None  # None: every language with an evaluation file
+    # Optimisation (None: the task's defaults).
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    max_length: int | None = None
+    eval_batch_size: int = 64
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    eval_every: int | None = None  # optimizer steps between English-dev evaluations; None: every epoch
+    freeze_embeddings: bool = False  # freeze the (large, multilingual) word-embedding table
+    group_by_length: bool = True
+    # Subsets for quick runs.
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = None
+    max_eval_examples: int | None = None
+    seed: int = 42
+    mixed_precision: str = "no"
+    cpu: bool = False  # force the CPU even when an accelerator is present
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DlfaInputError(
+                f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}", option="--mixed-precision"
+            )
+        for name in ("batch_size", "max_length", "max_steps", "eval_every", "max_train_examples",
+                     "max_dev_examples", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DlfaInputError(f"must be a positive integer, got {value}", option="--" + name.replace("_", "-"))
+        if self.epochs is not None and self.epochs <= 0:
+            raise DlfaInputError(f"must be positive, got {self.epochs}", option="--epochs")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise DlfaInputError(f"must be positive, got {self.learning_rate}", option="--learning-rate")
+
+    def with_task_defaults(self) -> TrainConfig:
+        """A copy where every unset optimisation field holds the task's default."""
+        from dlfa.tasks import get_task
+
+        defaults = get_task(self.task).defaults
+        resolved = dataclasses.replace(self)
+        for name in ("epochs", "batch_size", "learning_rate", "max_length"):
+            if getattr(resolved, name) is None:
+                setattr(resolved, name, getattr(defaults, name))
+        return resolved
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DlfaInputError(f"unknown config field {unknown[0]!r}", path=source)
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DlfaInputError("config file not found", path=path) from None
+        except json.JSONDecodeError as exc:
+            raise DlfaInputError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
+        if not isinstance(data, dict):
+            raise DlfaInputError("a config file holds one JSON object", path=path)
+        return cls.from_dict(data, source=path)

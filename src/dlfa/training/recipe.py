@@ -1,0 +1,315 @@
+"""The fine-tuning recipe: train on English, select on English dev, score every target language.
+
+One class, built from a :class:`TrainConfig`, in three stages: ``setup`` (read and check every input before
+anything is written), ``train`` (accelerate loop with English-dev checkpoint selection) and ``evaluate``
+(zero-shot scores of the selected model). ``run`` does all three. The CLI only builds the config.
+
+A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/`` (the selected model and
+its tokenizer) and, written last, ``metrics.json``. Files are written atomically, so a folder never holds a
+half-written file; a run whose ``metrics.json`` is missing did not finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dlfa import __version__
+from dlfa.data.batching import Collator, train_loader
+from dlfa.errors import DlfaInputError
+from dlfa.evaluation.evaluate import average, evaluate_examples
+from dlfa.io import atomic_path, write_json_atomic
+from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers, validate_fuse_layer
+from dlfa.tasks import get_task
+from dlfa.training.config import TrainConfig
+
+logger = logging.getLogger("dlfa")
+
+BEST_DIR = "best"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+LOG_FILE = "train.log"
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def resolve_model(name: str) -> str:
+    """An embedded model name becomes its cached folder (converted on first use); others pass through."""
+    from dlfa.modeling.embedded import resolve_model_name
+
+    return resolve_model_name(name)
+
+
+def _subset(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
+
+
+class FinetuneRecipe:
+    def __init__(self, config: TrainConfig, overwrite: bool = False, show_progress: bool = True) -> None:
+        self.config = config.with_task_defaults()
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+        self.output_dir = Path(self.config.output_dir)
+        self._log_handler: logging.Handler | None = None
+
+    # -- setup -----------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Read and check every input; only then create the run folder, the model and the optimiser."""
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import AutoConfig
+
+        cfg = self.config
+        self.task = task = get_task(cfg.task)
+        if not cfg.data_dir:
+            raise DlfaInputError("a data folder is required", option="--data-dir")
+        self.languages = task.resolve_languages(cfg.data_dir, cfg.languages, option="--languages")
+        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
+            raise DlfaInputError(f"{self.output_dir} exists and is not empty (pass --overwrite)", option="--output")
+
+        # The encoder's depth decides which fused layers are valid: check before loading any weights.
+        self.model_path = resolve_model(cfg.model)
+        try:
+            encoder_config = AutoConfig.from_pretrained(self.model_path)
+        except OSError as exc:
+            raise DlfaInputError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}", option="--model") from None
+        self.num_layers = encoder_num_layers(encoder_config)
+        validate_fuse_layer(cfg.fuse_layer, self.num_layers)
+
+        self.tokenizer = load_tokenizer(self.model_path)
+        train_examples = _subset(task.read(cfg.data_dir, cfg.train_language, cfg.train_split), cfg.max_train_examples)
+        dev_examples = _subset(task.read(cfg.data_dir, cfg.train_language, cfg.dev_split), cfg.max_dev_examples)
+        self.eval_examples = {
+            lang: _subset(task.read(cfg.data_dir, lang, task.eval_split), cfg.max_eval_examples)
+            for lang in self.languages
+        }
+
+        # Inputs are good: from here on we write.
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._start_logging()
+        set_seed(cfg.seed)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cfg.cpu,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        )
+        self.collator = Collator(self.tokenizer, task.head)
+        self.train_features = task.featurize(train_examples, self.tokenizer, cfg.max_length)
+        self.dev_examples = dev_examples
+        self.dev_features = task.featurize(dev_examples, self.tokenizer, cfg.max_length)
+        logger.info(
+            "task %s | model %s (%d layers) | fuse layer %s | %d train examples (%d features) | %d dev | targets %s",
+            cfg.task, cfg.model, self.num_layers, cfg.fuse_layer, len(train_examples), len(self.train_features),
+            len(dev_examples), ",".join(self.languages),
+        )
+
+        dlfa_config = DLFAConfig(
+            head=task.head,
+            num_labels=len(task.labels),
+            labels=list(task.labels),
+            fuse_layer=cfg.fuse_layer,
+            reduction=cfg.reduction,
+            aif_norm=cfg.aif_norm,
+            encoder_name=cfg.model,
+        )
+        model = DLFAModel.from_encoder(dlfa_config, self.model_path)
+        if cfg.freeze_embeddings:
+            model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
+
+        loader = train_loader(self.train_features, self.collator, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+        from transformers import get_linear_schedule_with_warmup
+
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
+            model, optimizer, loader, scheduler
+        )
+        self._write_config()
+
+    def _parameter_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for param in model.parameters():
+            if not param.requires_grad:
+                continue
+            # Biases and normalization weights are the 1-D parameters; they get no weight decay.
+            (no_decay if param.ndim < 2 else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def _start_logging(self) -> None:
+        handler = logging.FileHandler(self.output_dir / LOG_FILE, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _write_config(self) -> None:
+        import accelerate
+        import transformers
+
+        resolved = {
+            "config": self.config.to_dict(),
+            "resolved": {
+                "model_path": self.model_path,
+                "num_layers": self.num_layers,
+                "languages": self.languages,
+                "total_steps": self.total_steps,
+                "train_features": len(self.train_features),
+                "num_processes": self.accelerator.num_processes,
+                "device": str(self.accelerator.device),
+            },
+            "versions": {
+                "dlfa": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__,
+            },
+            "command": " ".join(sys.argv),
+        }
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.output_dir / CONFIG_FILE, resolved)
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, accelerator = self.config, self.accelerator
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        started = time.time()
+        step, epoch, running_loss, loss_count = 0, 0, 0.0, 0
+        eval_every = cfg.eval_every
+        steps_per_epoch = max(1, math.ceil(len(self.loader) / cfg.gradient_accumulation_steps))
+        progress = tqdm(total=self.total_steps, desc="train", disable=not (self.show_progress and accelerator.is_main_process))
+        self.model.train()
+        while step < self.total_steps:
+            epoch += 1
+            for batch in self.loader:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                running_loss += loss.detach().float().item()
+                loss_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{running_loss / loss_count:.4f}", epoch=epoch)
+                end_of_epoch = step % steps_per_epoch == 0
+                if (eval_every and step % eval_every == 0) or (not eval_every and end_of_epoch) or step == self.total_steps:
+                    self._select(step, epoch, running_loss / max(loss_count, 1))
+                    running_loss, loss_count = 0.0, 0
+                if step >= self.total_steps:
+                    break
+        progress.close()
+        self.train_seconds = time.time() - started
+        logger.info("training done in %.1fs; best English dev %s %.2f at step %d", self.train_seconds,
+                    self.task.primary_metric, self.best["score"], self.best["step"])
+
+    def _select(self, step: int, epoch: int, train_loss: float) -> None:
+        """Score English dev; keep the model if it is the best so far (the only selection signal)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            metrics = evaluate_examples(
+                self.task, model, self.dev_examples, self.dev_features, self.collator, self.config.eval_batch_size,
+                accelerator.device, desc="dev" if self.show_progress else None, autocast_dtype=self._autocast_dtype(),
+            )
+            score = metrics[self.task.primary_metric]
+            record = {"step": step, "epoch": epoch, "train_loss": train_loss, "dev": metrics, "score": score}
+            self.history.append(record)
+            improved = self.best is None or score > self.best["score"]
+            logger.info("step %d epoch %d loss %.4f | %s dev %s %.2f%s", step, epoch, train_loss,
+                        self.config.train_language, self.task.primary_metric, score, " (best)" if improved else "")
+            if improved:
+                self.best = record
+                with atomic_path(self.output_dir / BEST_DIR) as tmp:
+                    model.save_pretrained(tmp)
+                    self.tokenizer.save_pretrained(tmp)
+        accelerator.wait_for_everyone()
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """Zero-shot scores of the selected model on every target language; writes metrics.json."""
+        accelerator = self.accelerator
+        result: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            model = DLFAModel.from_pretrained(self.output_dir / BEST_DIR, device=accelerator.device)
+            per_language = {}
+            for lang in self.languages:
+                features = self.task.featurize(self.eval_examples[lang], self.tokenizer, self.config.max_length)
+                per_language[lang] = evaluate_examples(
+                    self.task, model, self.eval_examples[lang], features, self.collator, self.config.eval_batch_size,
+                    accelerator.device, desc=f"eval {lang}" if self.show_progress else None,
+                    autocast_dtype=self._autocast_dtype(),
+                )
+                logger.info("%s %s: %s", self.task.eval_split, lang,
+                            " ".join(f"{k}={v:.2f}" for k, v in per_language[lang].items() if isinstance(v, float)))
+            metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
+            result = {
+                "task": self.task.name,
+                "model": self.config.model,
+                "method": "dlfa" if self.config.fuse_layer is not None else "baseline",
+                "fuse_layer": self.config.fuse_layer,
+                "seed": self.config.seed,
+                "primary_metric": self.task.primary_metric,
+                "eval_split": self.task.eval_split,
+                "selection": {
+                    "language": self.config.train_language,
+                    "split": self.config.dev_split,
+                    "best_step": self.best["step"],
+                    "best_score": self.best["score"],
+                    "history": self.history,
+                },
+                "languages": per_language,
+                "average": {m: average(per_language, m) for m in metric_names},
+                "average_zero_shot": {m: average(per_language, m, exclude=[self.config.train_language])
+                                      for m in metric_names},
+                "train_seconds": self.train_seconds,
+            }
+            write_json_atomic(self.output_dir / METRICS_FILE, result)
+        accelerator.wait_for_everyone()
+        return result
+
+    def cleanup(self) -> None:
+        if self._log_handler is not None:
+            logger.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.setup()
+            self.train()
+            return self.evaluate()
+        finally:
+            self.cleanup()
+
