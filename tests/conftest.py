@@ -18,6 +18,13 @@ TINY_WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "is", "der", "die", 
 TINY_CJK = ["猫", "犬", "が", "は", "座", "っ", "た", "。"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_feature_cache(tmp_path_factory):
+    """Tests never read or fill the user's feature cache."""
+    os.environ["DLFA_FEATURE_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+
+
 def shared_data(task: str) -> Path:
     """The real data folder for a task, or skip the test when ../shared/data is absent."""
     folder = SHARED_DATA / task

@@ -43,6 +43,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="DLFA: fuse the last layer with this layer (1..N-1); 'none' = baseline")
     p.add_argument("--reduction", type=int, help="AIF bottleneck reduction ratio r (default 4)")
     p.add_argument("--languages", type=_languages, help="comma-separated target languages, or 'all' (default)")
+    p.add_argument("--train-split", help="split of the English file to train on (default train; XNLI/PAWS-X here: dev)")
+    p.add_argument("--dev-split", help="split used for checkpoint selection (default dev)")
+    p.add_argument("--dev-holdout", type=float,
+                   help="fraction held out for selection when train and dev split are the same file (default 0.1)")
+    p.add_argument("--allow-leaky-evaluation", action="store_true", default=None,
+                   help="score on the training file's translations anyway; the report marks those scores")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="tokenize again instead of reusing cached features")
     p.add_argument("--epochs", type=float)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)

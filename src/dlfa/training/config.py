@@ -29,6 +29,11 @@ class TrainConfig:
     train_split: str = "train"
     dev_split: str = "dev"
     languages: list[str] | None = None  # None: every language with an evaluation file
+    # When training and selection read the same file (XNLI/PAWS-X here: English dev), this fraction of it is
+    # held out, by seed, for checkpoint selection and never trained on.
+    dev_holdout: float = 0.1
+    allow_leaky_evaluation: bool = False  # score on the training file's translations anyway (marked)
+    feature_cache: bool = True
     # Optimisation (None: the task's defaults).
     epochs: float | None = None
     max_steps: int | None = None
@@ -63,6 +68,8 @@ class TrainConfig:
                 raise DlfaInputError(f"must be a positive integer, got {value}", option="--" + name.replace("_", "-"))
         if self.epochs is not None and self.epochs <= 0:
             raise DlfaInputError(f"must be positive, got {self.epochs}", option="--epochs")
+        if not 0 < self.dev_holdout < 1:
+            raise DlfaInputError(f"must be between 0 and 1, got {self.dev_holdout}", option="--dev-holdout")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise DlfaInputError(f"must be positive, got {self.learning_rate}", option="--learning-rate")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,10 @@ from tqdm.auto import tqdm
 
 from dlfa import __version__
 from dlfa.data.batching import Collator, train_loader
+from dlfa.data.cache import FeatureCache, cache_key
 from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
+from dlfa.evaluation.guard import check_honest_evaluation
 from dlfa.io import atomic_path, write_json_atomic
 from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers, validate_fuse_layer
 from dlfa.tasks import get_task
@@ -77,6 +80,10 @@ class FinetuneRecipe:
         if not cfg.data_dir:
             raise DlfaInputError("a data folder is required", option="--data-dir")
         self.languages = task.resolve_languages(cfg.data_dir, cfg.languages, option="--languages")
+        self.leaky_languages = check_honest_evaluation(
+            task, cfg.data_dir, cfg.train_language, cfg.train_split, self.languages, task.eval_split,
+            cfg.allow_leaky_evaluation,
+        )
         if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
             raise DlfaInputError(f"{self.output_dir} exists and is not empty (pass --overwrite)", option="--output")
 
@@ -90,8 +97,7 @@ class FinetuneRecipe:
         validate_fuse_layer(cfg.fuse_layer, self.num_layers)
 
         self.tokenizer = load_tokenizer(self.model_path)
-        train_examples = _subset(task.read(cfg.data_dir, cfg.train_language, cfg.train_split), cfg.max_train_examples)
-        dev_examples = _subset(task.read(cfg.data_dir, cfg.train_language, cfg.dev_split), cfg.max_dev_examples)
+        train_examples, dev_examples = self._read_train_and_dev()
         self.eval_examples = {
             lang: _subset(task.read(cfg.data_dir, lang, task.eval_split), cfg.max_eval_examples)
             for lang in self.languages
@@ -107,9 +113,13 @@ class FinetuneRecipe:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         )
         self.collator = Collator(self.tokenizer, task.head)
-        self.train_features = task.featurize(train_examples, self.tokenizer, cfg.max_length)
+        self.feature_cache = FeatureCache(enabled=cfg.feature_cache)
+        holdout = self._holdout_tag()
+        self.train_features = self._features(train_examples, cfg.train_language, cfg.train_split,
+                                             f"train:{holdout}:{cfg.max_train_examples}")
         self.dev_examples = dev_examples
-        self.dev_features = task.featurize(dev_examples, self.tokenizer, cfg.max_length)
+        self.dev_features = self._features(dev_examples, cfg.train_language, cfg.dev_split,
+                                           f"select:{holdout}:{cfg.max_dev_examples}")
         logger.info(
             "task %s | model %s (%d layers) | fuse layer %s | %d train examples (%d features) | %d dev | targets %s",
             cfg.task, cfg.model, self.num_layers, cfg.fuse_layer, len(train_examples), len(self.train_features),
@@ -142,6 +152,36 @@ class FinetuneRecipe:
             model, optimizer, loader, scheduler
         )
         self._write_config()
+
+    def _holdout_tag(self) -> str:
+        cfg = self.config
+        same_file = cfg.train_split == cfg.dev_split
+        return f"holdout{cfg.dev_holdout}-seed{cfg.seed}" if same_file else "none"
+
+    def _read_train_and_dev(self) -> tuple[list, list]:
+        """English train and selection examples; one file is split by seed when both name the same split."""
+        cfg, task = self.config, self.task
+        train = task.read(cfg.data_dir, cfg.train_language, cfg.train_split)
+        if cfg.train_split == cfg.dev_split:
+            order = list(range(len(train)))
+            random.Random(cfg.seed).shuffle(order)
+            cut = max(1, int(round(cfg.dev_holdout * len(train))))
+            if cut >= len(train):
+                raise DlfaInputError(f"{len(train)} examples are too few to hold out a selection set",
+                                     option="--dev-holdout")
+            dev = [train[i] for i in sorted(order[:cut])]
+            train = [train[i] for i in sorted(order[cut:])]
+        else:
+            dev = task.read(cfg.data_dir, cfg.train_language, cfg.dev_split)
+        return _subset(train, cfg.max_train_examples), _subset(dev, cfg.max_dev_examples)
+
+    def _features(self, examples: list, language: str, split: str, subset: str) -> list[dict]:
+        cfg = self.config
+        files = self.task.files(cfg.data_dir, language, split)
+        key = cache_key(self.tokenizer, self.task.name, split, language, cfg.max_length, files, subset)
+        return self.feature_cache.get_or_build(
+            key, lambda: self.task.featurize(examples, self.tokenizer, cfg.max_length)
+        )
 
     def _parameter_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         decay, no_decay = [], []
@@ -265,12 +305,15 @@ class FinetuneRecipe:
             model = DLFAModel.from_pretrained(self.output_dir / BEST_DIR, device=accelerator.device)
             per_language = {}
             for lang in self.languages:
-                features = self.task.featurize(self.eval_examples[lang], self.tokenizer, self.config.max_length)
+                features = self._features(self.eval_examples[lang], lang, self.task.eval_split,
+                                          f"eval:{self.config.max_eval_examples}")
                 per_language[lang] = evaluate_examples(
                     self.task, model, self.eval_examples[lang], features, self.collator, self.config.eval_batch_size,
                     accelerator.device, desc=f"eval {lang}" if self.show_progress else None,
                     autocast_dtype=self._autocast_dtype(),
                 )
+                if lang in self.leaky_languages:
+                    per_language[lang]["leaky"] = True
                 logger.info("%s %s: %s", self.task.eval_split, lang,
                             " ".join(f"{k}={v:.2f}" for k, v in per_language[lang].items() if isinstance(v, float)))
             metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
@@ -285,11 +328,13 @@ class FinetuneRecipe:
                 "selection": {
                     "language": self.config.train_language,
                     "split": self.config.dev_split,
+                    "held_out_from_training_file": self.config.train_split == self.config.dev_split,
                     "best_step": self.best["step"],
                     "best_score": self.best["score"],
                     "history": self.history,
                 },
                 "languages": per_language,
+                "leaky_languages": self.leaky_languages,
                 "average": {m: average(per_language, m) for m in metric_names},
                 "average_zero_shot": {m: average(per_language, m, exclude=[self.config.train_language])
                                       for m in metric_names},
