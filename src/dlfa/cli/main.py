@@ -64,7 +64,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--freeze-embeddings", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", default=None)
+    p.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints (default: each evaluation)")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint (or skip it if it finished)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,9 +102,10 @@ def _train(args: argparse.Namespace) -> int:
     from dlfa.training.recipe import FinetuneRecipe
 
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config", "overwrite")}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("command", "config", "overwrite", "resume")}
     config = TrainConfig.from_dict({**base, **given})
-    result = FinetuneRecipe(config, overwrite=args.overwrite).run()
+    result = FinetuneRecipe(config, overwrite=args.overwrite, resume=args.resume).run()
     _print_run_summary(result)
     return 0
 

@@ -35,11 +35,14 @@ def train_loader(
     features: Sequence[dict],
     collator: Collator,
     batch_size: int,
-    seed: int,
+    generator: torch.Generator,
     group_by_length: bool = True,
 ) -> DataLoader:
-    """Shuffled training batches; with ``group_by_length`` examples of similar length share a batch."""
-    generator = torch.Generator().manual_seed(seed)
+    """Shuffled training batches; with ``group_by_length`` examples of similar length share a batch.
+
+    The order comes from ``generator`` alone, so saving its state at an epoch's start lets a resumed run
+    replay that epoch's batches exactly.
+    """
     if group_by_length:
         lengths = [len(f["input_ids"]) for f in features]
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)

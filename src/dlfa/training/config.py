@@ -46,6 +46,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
     eval_every: int | None = None  # optimizer steps between English-dev evaluations; None: every epoch
+    checkpoint_every: int | None = None  # steps between resumable checkpoints; None: at each evaluation
     freeze_embeddings: bool = False  # freeze the (large, multilingual) word-embedding table
     group_by_length: bool = True
     # Subsets for quick runs.
@@ -61,7 +62,7 @@ class TrainConfig:
             raise DlfaInputError(
                 f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}", option="--mixed-precision"
             )
-        for name in ("batch_size", "max_length", "max_steps", "eval_every", "max_train_examples",
+        for name in ("batch_size", "max_length", "max_steps", "eval_every", "checkpoint_every", "max_train_examples",
                      "max_dev_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:

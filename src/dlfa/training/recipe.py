@@ -11,10 +11,12 @@ half-written file; a run whose ``metrics.json`` is missing did not finish.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from dlfa.evaluation.guard import check_honest_evaluation
 from dlfa.io import atomic_path, write_json_atomic
 from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers, validate_fuse_layer
 from dlfa.tasks import get_task
+from dlfa.training.checkpoint import load_checkpoint, save_checkpoint
 from dlfa.training.config import TrainConfig
 
 logger = logging.getLogger("dlfa")
@@ -40,6 +43,7 @@ BEST_DIR = "best"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
+CHECKPOINT_DIR = "checkpoint"
 
 
 def load_tokenizer(model_path: str):
@@ -60,9 +64,13 @@ def _subset(items: list, limit: int | None) -> list:
 
 
 class FinetuneRecipe:
-    def __init__(self, config: TrainConfig, overwrite: bool = False, show_progress: bool = True) -> None:
+    def __init__(
+        self, config: TrainConfig, overwrite: bool = False, show_progress: bool = True, resume: bool = False
+    ) -> None:
         self.config = config.with_task_defaults()
         self.overwrite = overwrite
+        self.resume = resume
+        self.resume_from: Path | None = None
         self.show_progress = show_progress
         self.output_dir = Path(self.config.output_dir)
         self._log_handler: logging.Handler | None = None
@@ -84,8 +92,7 @@ class FinetuneRecipe:
             task, cfg.data_dir, cfg.train_language, cfg.train_split, self.languages, task.eval_split,
             cfg.allow_leaky_evaluation,
         )
-        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
-            raise DlfaInputError(f"{self.output_dir} exists and is not empty (pass --overwrite)", option="--output")
+        self._check_output_dir()
 
         # The encoder's depth decides which fused layers are valid: check before loading any weights.
         self.model_path = resolve_model(cfg.model)
@@ -140,7 +147,9 @@ class FinetuneRecipe:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
 
-        loader = train_loader(self.train_features, self.collator, cfg.batch_size, cfg.seed, cfg.group_by_length)
+        self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
+        loader = train_loader(self.train_features, self.collator, cfg.batch_size, self.sampler_generator,
+                              cfg.group_by_length)
         steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
         from transformers import get_linear_schedule_with_warmup
@@ -152,6 +161,21 @@ class FinetuneRecipe:
             model, optimizer, loader, scheduler
         )
         self._write_config()
+
+    def _check_output_dir(self) -> None:
+        """A new run needs an empty folder; ``resume`` continues a run of the same config from its checkpoint."""
+        out = self.output_dir
+        if not (out.exists() and any(out.iterdir())):
+            return
+        if self.resume:
+            saved = _saved_config(out)
+            if saved is not None and saved != self.config.to_dict():
+                raise DlfaInputError(f"{out} holds a run with another configuration; cannot resume it", option="--output")
+            if (out / CHECKPOINT_DIR / "state.json").is_file():
+                self.resume_from = out / CHECKPOINT_DIR
+            return
+        if not self.overwrite:
+            raise DlfaInputError(f"{out} exists and is not empty (pass --overwrite, or --resume)", option="--output")
 
     def _holdout_tag(self) -> str:
         cfg = self.config
@@ -232,18 +256,39 @@ class FinetuneRecipe:
     # -- training --------------------------------------------------------------------------------------------
 
     def train(self) -> None:
+        """The training loop; with ``resume`` it continues exactly where the last checkpoint left off."""
         cfg, accelerator = self.config, self.accelerator
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
-        started = time.time()
-        step, epoch, running_loss, loss_count = 0, 0, 0.0, 0
-        eval_every = cfg.eval_every
+        loop = {"step": 0, "epoch": 0, "batches_done": 0, "running_loss": 0.0, "loss_count": 0,
+                "history": [], "best": None, "train_seconds": 0.0, "epoch_sampler_state": None}
+        resume_rng = None
+        if self.resume_from is not None:
+            loop = load_checkpoint(self.resume_from, accelerator.unwrap_model(self.model), self.optimizer,
+                                   self.scheduler, None)
+            resume_rng = torch.get_rng_state()
+            logger.info("resumed from %s at step %d", self.resume_from, loop["step"])
+        self.history, self.best = loop["history"], loop["best"]
+        started = time.time() - loop["train_seconds"]
         steps_per_epoch = max(1, math.ceil(len(self.loader) / cfg.gradient_accumulation_steps))
-        progress = tqdm(total=self.total_steps, desc="train", disable=not (self.show_progress and accelerator.is_main_process))
+        progress = tqdm(total=self.total_steps, initial=loop["step"], desc="train",
+                        disable=not (self.show_progress and accelerator.is_main_process))
         self.model.train()
-        while step < self.total_steps:
-            epoch += 1
-            for batch in self.loader:
+        while loop["step"] < self.total_steps:
+            skip = 0
+            if resume_rng is not None and loop["batches_done"]:
+                # Same epoch as the checkpoint: replay its batch order and skip what was trained on.
+                self.sampler_generator.set_state(torch.tensor(loop["epoch_sampler_state"], dtype=torch.uint8))
+                skip = loop["batches_done"]
+            else:
+                loop["epoch"] += 1
+                loop["batches_done"] = 0
+                loop["epoch_sampler_state"] = self.sampler_generator.get_state().tolist()
+            batches = iter(self.loader)
+            for _ in range(skip):
+                next(batches)
+            if resume_rng is not None:
+                torch.set_rng_state(resume_rng)  # creating the iterator may draw from the global generator
+                resume_rng = None
+            for batch in batches:
                 with accelerator.accumulate(self.model):
                     loss = self.model(**batch).loss
                     accelerator.backward(loss)
@@ -252,23 +297,40 @@ class FinetuneRecipe:
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad()
-                running_loss += loss.detach().float().item()
-                loss_count += 1
+                loop["batches_done"] += 1
+                loop["running_loss"] += loss.detach().float().item()
+                loop["loss_count"] += 1
                 if not accelerator.sync_gradients:
                     continue
-                step += 1
+                loop["step"] += 1
+                step = loop["step"]
                 progress.update(1)
-                progress.set_postfix(loss=f"{running_loss / loss_count:.4f}", epoch=epoch)
+                progress.set_postfix(loss=f"{loop['running_loss'] / loop['loss_count']:.4f}", epoch=loop["epoch"])
                 end_of_epoch = step % steps_per_epoch == 0
-                if (eval_every and step % eval_every == 0) or (not eval_every and end_of_epoch) or step == self.total_steps:
-                    self._select(step, epoch, running_loss / max(loss_count, 1))
-                    running_loss, loss_count = 0.0, 0
+                select = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
+                if select or step == self.total_steps:
+                    self._select(step, loop["epoch"], loop["running_loss"] / max(loop["loss_count"], 1))
+                    loop["running_loss"], loop["loss_count"] = 0.0, 0
+                    loop["best"] = self.best
+                if step < self.total_steps and (
+                    (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (select and not cfg.checkpoint_every)
+                ):
+                    loop["train_seconds"] = time.time() - started
+                    self._checkpoint(loop)
                 if step >= self.total_steps:
                     break
+            else:
+                loop["batches_done"] = 0
         progress.close()
         self.train_seconds = time.time() - started
         logger.info("training done in %.1fs; best English dev %s %.2f at step %d", self.train_seconds,
                     self.task.primary_metric, self.best["score"], self.best["step"])
+
+    def _checkpoint(self, loop: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.output_dir / CHECKPOINT_DIR, self.accelerator.unwrap_model(self.model),
+                            self.optimizer, self.scheduler, None, loop)
+        self.accelerator.wait_for_everyone()
 
     def _select(self, step: int, epoch: int, train_loss: float) -> None:
         """Score English dev; keep the model if it is the best so far (the only selection signal)."""
@@ -344,6 +406,16 @@ class FinetuneRecipe:
         accelerator.wait_for_everyone()
         return result
 
+    def finished_result(self) -> dict[str, Any] | None:
+        """The metrics of an already finished run in the output folder (for resumable sweeps)."""
+        path = self.output_dir / METRICS_FILE
+        if not path.is_file():
+            return None
+        saved = _saved_config(self.output_dir)
+        if saved is not None and saved != self.config.to_dict():
+            raise DlfaInputError(f"{self.output_dir} holds a run with another configuration", option="--output")
+        return json.loads(path.read_text(encoding="utf-8"))
+
     def cleanup(self) -> None:
         if self._log_handler is not None:
             logger.removeHandler(self._log_handler)
@@ -351,10 +423,26 @@ class FinetuneRecipe:
             self._log_handler = None
 
     def run(self) -> dict[str, Any]:
+        if self.resume:
+            done = self.finished_result()
+            if done is not None:
+                logger.info("%s already finished; skipping", self.output_dir)
+                return done
         try:
             self.setup()
             self.train()
-            return self.evaluate()
+            result = self.evaluate()
+            if self.accelerator.is_main_process:
+                # The run is complete: the resumption state (weights + optimizer moments) is no longer needed.
+                shutil.rmtree(self.output_dir / CHECKPOINT_DIR, ignore_errors=True)
+            return result
         finally:
             self.cleanup()
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
