@@ -7,8 +7,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dlfa.errors import DlfaInputError
+from dlfa.training.config import DEFAULT_MODEL
 
 EXIT_BAD_INPUT = 2
 
@@ -33,14 +35,9 @@ def _fuse_layer(text: str) -> int | None:
         raise DlfaInputError(f"must be an integer layer number or 'none', got {text!r}", option="--fuse-layer") from None
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON file with TrainConfig fields; options given here override it")
-    p.add_argument("--task", help="udpos (more tasks: see `dlfa tasks`)")
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `sweep`: everything of a TrainConfig except task, output, layer and seed."""
     p.add_argument("--model", help="embedded:multilingual-e5-small (default), a Hugging Face id or a local folder")
-    p.add_argument("--data-dir", help="folder with the task's files (e.g. ../shared/data/udpos)")
-    p.add_argument("--output", dest="output_dir", help="run folder to create")
-    p.add_argument("--fuse-layer", type=_fuse_layer, default=argparse.SUPPRESS,
-                   help="DLFA: fuse the last layer with this layer (1..N-1); 'none' = baseline")
     p.add_argument("--reduction", type=int, help="AIF bottleneck reduction ratio r (default 4)")
     p.add_argument("--languages", type=_languages, help="comma-separated target languages, or 'all' (default)")
     p.add_argument("--train-split", help="split of the English file to train on (default train; XNLI/PAWS-X here: dev)")
@@ -57,17 +54,57 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--eval-every", type=int, help="optimizer steps between English-dev evaluations (default: each epoch)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints (default: each evaluation)")
     p.add_argument("--max-train-examples", type=int)
     p.add_argument("--max-dev-examples", type=int)
     p.add_argument("--max-eval-examples", type=int)
-    p.add_argument("--seed", type=int)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--freeze-embeddings", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", default=None)
-    p.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints (default: each evaluation)")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON file with TrainConfig fields; options given here override it")
+    p.add_argument("--task", help="udpos, panx, xnli or pawsx (see `dlfa tasks`)")
+    p.add_argument("--data-dir", help="folder with the task's files (e.g. ../shared/data/udpos)")
+    p.add_argument("--output", dest="output_dir", help="run folder to create")
+    p.add_argument("--fuse-layer", type=_fuse_layer, default=argparse.SUPPRESS,
+                   help="DLFA: fuse the last layer with this layer (1..N-1); 'none' = baseline")
+    p.add_argument("--seed", type=int)
+    _add_run_options(p)
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its last checkpoint (or skip it if it finished)")
+
+
+def _ints(text: str) -> list[int]:
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]."""
+    values: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "-" in part:
+                low, high = part.split("-", 1)
+                values.extend(range(int(low), int(high) + 1))
+            else:
+                values.append(int(part))
+    except ValueError:
+        raise DlfaInputError(f"expected integers like 1,2,5-7, got {text!r}") from None
+    return values
+
+
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", type=_languages, required=True, help="comma-separated tasks, e.g. udpos,panx")
+    p.add_argument("--data-dir", help="the task's data folder (one task)")
+    p.add_argument("--data-root", help="folder with one subfolder per task (udpos/, panx/, xnli/, pawsx/)")
+    p.add_argument("--output", required=True, help="sweep folder; cells are <task>/<model>/<row>/seed-<s>")
+    p.add_argument("--layers", type=_ints, help="fused layers, e.g. 4,8,11 or 1-11 (default: all 1..N-1)")
+    p.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="default 1,2,3")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row")
+    p.add_argument("--parallel", type=int, default=1, help="cells run at once on this machine")
+    p.add_argument("--ray-address", help="run each cell as a Ray task on this cluster ('auto', 'ray://host:10001')")
+    p.add_argument("--cpus-per-run", type=float, default=1.0)
+    p.add_argument("--gpus-per-run", type=float, default=0.0)
+    _add_run_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,12 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="baseline vs DLFA on the shipped POS sample with the embedded model")
     demo.add_argument("--output", default="demo-output")
     demo.add_argument("--fuse-layer", type=int, default=8)
-    demo.add_argument("--epochs", type=float, default=4)
+    demo.add_argument("--epochs", type=float, default=6)
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--model", default=None)
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
 
+    sweep = sub.add_parser("sweep", help="tasks x {baseline, D_1..D_(N-1)} x seeds, resumable, local or on Ray")
+    _add_sweep_options(sweep)
+
+    from dlfa.cli import report_cli  # `report` and `analyze`; imports nothing heavy
+
+    report_cli.add_parsers(sub)
+    COMMANDS.update(report_cli.HANDLERS)
     sub.add_parser("tasks", help="list the tasks with their metrics and languages")
+
+    download = sub.add_parser("download", help="fetch a task's official release, verify it, convert it for dlfa")
+    download.add_argument("task", help="udpos, xnli, pawsx or panx (panx: a manual download, see --archive)")
+    download.add_argument("--output", default="data", help="data folder; the task goes to OUTPUT/TASK (default: data)")
+    download.add_argument("--archive", action="append", default=[],
+                          help="use this local archive instead of downloading (repeatable); panx: AmazonPhotos.zip, "
+                               "panx_dataset.tar, <lang>.tar.gz files or a folder of them")
+    download.add_argument("--languages", type=_languages, help="comma-separated languages or 'all' (default: XTREME's)")
+    download.add_argument("--mirror", help="base URL serving the archives by file name (or $DLFA_DOWNLOAD_MIRROR)")
+    download.add_argument("--syntactic-words", action="store_true",
+                          help="udpos: keep UD's syntactic words instead of XTREME's fused tokens")
+    download.add_argument("--remove-archives", action="store_true", help="delete the downloaded archives afterwards")
+    download.add_argument("--overwrite", action="store_true", help="replace a task folder not made by dlfa download")
     return parser
 
 
@@ -141,6 +198,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from dlfa.training.sweep import SweepConfig, run_sweep
+
+    if args.data_root:
+        data_dirs = {task: str(Path(args.data_root) / task) for task in args.tasks}
+    elif args.data_dir and len(args.tasks) == 1:
+        data_dirs = {args.tasks[0]: args.data_dir}
+    else:
+        raise DlfaInputError("give --data-dir for one task or --data-root for several", option="--data-dir")
+    sweep_keys = {"command", "tasks", "data_dir", "data_root", "output", "layers", "seeds", "no_baseline",
+                  "parallel", "ray_address", "cpus_per_run", "gpus_per_run", "model"}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in sweep_keys}
+    sweep = SweepConfig(
+        tasks=args.tasks, data_dirs=data_dirs, output_dir=args.output, model=args.model or DEFAULT_MODEL,
+        layers=args.layers, seeds=args.seeds, include_baseline=not args.no_baseline, train_overrides=overrides,
+        parallel=args.parallel, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run,
+    )
+    results = run_sweep(sweep)
+    for record in results:
+        score = f" {record['score']:.2f}" if "score" in record else ""
+        print(f"{record['status']:>15}  {record['run_dir']}{score}")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from dlfa.tasks import TASKS
 
@@ -150,7 +232,16 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "demo": _demo, "tasks": _tasks}
+def _download(args: argparse.Namespace) -> int:
+    from dlfa.data.download import download
+
+    download(args.task, args.output, archives=args.archive, languages=args.languages, base_url=args.mirror,
+             fused_forms=not args.syntactic_words, keep_archives=not args.remove_archives, overwrite=args.overwrite)
+    return 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "demo": _demo, "sweep": _sweep, "tasks": _tasks,
+            "download": _download}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,9 +28,9 @@ class DemoConfig:
     output_dir: str = "demo-output"
     model: str = DEFAULT_MODEL
     fuse_layer: int = 8
-    epochs: float = 4
+    epochs: float = 6
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     seed: int = 42
     # The 96M-parameter multilingual embedding table dominates a CPU step; freezing it keeps the demo
     # fast and is a common choice for cross-lingual transfer.
