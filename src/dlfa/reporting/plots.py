@@ -40,7 +40,7 @@ def language_bars(
     ax.set_xticks(range(len(languages)), list(languages))
     ax.set_ylabel(metric)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=max(len(series), 1), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
     plt.close(fig)
