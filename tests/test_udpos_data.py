@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from conftest import shared_data, write_conllu
 
-from dlfa.data.features import IGNORE_INDEX, TaggedSentence, piece_carries_characters, sentence_predictions, tokenize_tagged
+from dlfa.data.features import (
+    IGNORE_INDEX,
+    TaggedSentence,
+    piece_carries_characters,
+    sentence_predictions,
+    tokenize_tagged,
+)
 from dlfa.errors import DlfaInputError
 from dlfa.tasks import get_task
 from dlfa.tasks.udpos import UPOS_TAGS, read_conllu

@@ -27,7 +27,7 @@ def leaky_languages(
     for lang in languages:
         eval_files = {p.resolve() for p in task.files(data_dir, lang, eval_split)}
         same_file = bool(eval_files & train_files)
-        translation = eval_split == train_split and eval_split in getattr(task, "parallel_splits", ())
+        translation = eval_split == train_split and eval_split in task.parallel_splits
         if same_file or translation:
             leaky.append(lang)
     return leaky

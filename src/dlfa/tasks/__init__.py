@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dlfa.errors import DlfaInputError
-from dlfa.tasks import udpos
+from dlfa.tasks import panx, pawsx, udpos, xnli
 from dlfa.tasks.base import Task
 
-TASKS: dict[str, Task] = {
-    udpos.TASK.name: udpos.TASK,
-}
+TASKS: dict[str, Task] = {task.name: task for task in (udpos.TASK, panx.TASK, xnli.TASK, pawsx.TASK)}
 
 
 def get_task(name: str, option: str = "--task") -> Task:

@@ -1,4 +1,4 @@
-"""What every task module provides, and the shared code for tagging tasks.
+"""What every task module provides, and the shared code for tagging and sentence-pair tasks.
 
 A task module (``udpos.py``, ...) holds its reader, label set, metric, default languages and default
 hyperparameters, and registers one :class:`Task` object in ``dlfa.tasks.TASKS``. Adding a task means
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,14 @@ class Hyperparameters:
 
 
 class Task(ABC):
+    """One task: its files, reader, label set, featurization and metric.
+
+    ``parallel_splits`` names the splits whose files in different languages are translations of each other
+    (the same examples, in the same order, in every language: XNLI dev/test, PAWS-X dev/test). Training or
+    selecting a model on one language's file of such a split and scoring another language's file of the
+    same split measures memorised content, not transfer; the honest-evaluation checks use this to refuse it.
+    """
+
     name: str
     head: str  # "token" or "sequence" (see DLFAConfig.head)
     labels: tuple[str, ...]
@@ -39,6 +47,10 @@ class Task(ABC):
     defaults: Hyperparameters = Hyperparameters()
     # Regexes over file names with a named group "lang"; the split is substituted for {split}.
     file_patterns: tuple[str, ...] = ()
+    # Splits whose per-language files are translations of one another (see the class docstring).
+    parallel_splits: tuple[str, ...] = ()
+    # True: a language must have exactly one file per split (several are an error, not concatenated).
+    one_file_per_language: bool = False
 
     @property
     def label_to_id(self) -> dict[str, int]:
@@ -75,10 +87,19 @@ class Task(ABC):
                 f"no {self.name} {split} file for language {language!r} (languages with {split} files: {found})",
                 path=data_dir,
             )
+        if self.one_file_per_language and len(paths) > 1:
+            names = ", ".join(str(p) for p in paths)
+            raise DlfaInputError(
+                f"several {self.name} {split} files for language {language!r} ({names}); keep one", path=data_dir
+            )
         examples: list = []
         for path in paths:
-            examples.extend(self.read_file(path))
+            examples.extend(self.read_language_file(path, language))
         return examples
+
+    def read_language_file(self, path: Path, language: str) -> list:
+        """The examples of ``language`` in one file; files holding several languages override this."""
+        return self.read_file(path)
 
     def resolve_languages(self, data_dir: str | Path, requested: Sequence[str] | None, option: str) -> list[str]:
         """Expand ``None``/``all`` to every language with an evaluation file; check the others exist."""
@@ -155,3 +176,72 @@ class TaggingTask(Task):
     @abstractmethod
     def tag_metrics(self, gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
         """Metrics over per-sentence tag sequences."""
+
+
+# -- sentence-pair classification -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SentencePair:
+    """Two texts and a label name (XNLI: premise, hypothesis; PAWS-X: two sentences)."""
+
+    text_a: str
+    text_b: str
+    label: str
+
+
+def read_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, tab-separated fields) of a TSV file without quoting; blank lines are skipped."""
+    for number, line in read_lines(path):
+        if line.strip():
+            yield number, line.split("\t")
+
+
+def check_label(
+    label: str, labels: Sequence[str], path: str | Path, line: int, aliases: Mapping[str, str] | None = None
+) -> str:
+    """The label name for a label field (``aliases`` maps other released spellings), or a file:line error."""
+    label = label.strip()
+    label = aliases.get(label, label) if aliases else label
+    if label not in labels:
+        raise DlfaInputError(f"unknown label {label!r} (expected one of: {', '.join(labels)})", path=path, line=line)
+    return label
+
+
+class PairClassificationTask(Task):
+    """Sentence-pair classification (XNLI, PAWS-X): one label per pair, scored by accuracy."""
+
+    head = "sequence"
+    primary_metric = "accuracy"
+    one_file_per_language = True
+
+    def featurize(self, examples: Sequence[SentencePair], tokenizer, max_length: int) -> list[dict]:
+        """One feature per pair: both texts encoded as a pair, truncated to ``max_length`` sub-tokens.
+
+        Features hold ``input_ids``, ``token_type_ids`` when the tokenizer makes them (BERT does, XLM-R does
+        not) and ``label`` (the label id), the keys ``dlfa.data.batching.Collator(tokenizer, "sequence")`` pads.
+        """
+        label_to_id = self.label_to_id
+        features: list[dict] = []
+        chunk_size = 1000
+        for start in range(0, len(examples), chunk_size):
+            chunk = examples[start : start + chunk_size]
+            encoded = tokenizer(
+                [e.text_a for e in chunk], [e.text_b for e in chunk], truncation=True, max_length=max_length
+            )
+            type_ids = encoded.get("token_type_ids")
+            for offset, example in enumerate(chunk):
+                feature = {"input_ids": encoded["input_ids"][offset], "label": label_to_id[example.label]}
+                if type_ids is not None:
+                    feature["token_type_ids"] = type_ids[offset]
+                features.append(feature)
+        return features
+
+    def score(self, examples: Sequence[SentencePair], features: Sequence[dict], predictions: Sequence) -> dict:
+        """Accuracy in percent from one predicted label id per feature (features and examples are 1:1)."""
+        label_to_id = self.label_to_id
+        correct = sum(
+            int(predicted) == label_to_id[example.label]
+            for example, predicted in zip(examples, predictions, strict=True)
+        )
+        return {"accuracy": 100.0 * correct / max(len(examples), 1), "examples": len(examples)}
