@@ -132,6 +132,12 @@ class Task(ABC):
         """Metrics (in percent) from per-feature predictions (see ``dlfa.evaluation``)."""
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, shortened: a 5 MB field must not make a 5 MB message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"
+
+
 def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """Yield (line number, line without newline) of a UTF-8 text file, with clear errors."""
     path = Path(path)
@@ -204,7 +210,7 @@ def check_label(
     label = label.strip()
     label = aliases.get(label, label) if aliases else label
     if label not in labels:
-        raise DlfaInputError(f"unknown label {label!r} (expected one of: {', '.join(labels)})", path=path, line=line)
+        raise DlfaInputError(f"unknown label {shown(label)} (expected one of: {', '.join(labels)})", path=path, line=line)
     return label
 
 

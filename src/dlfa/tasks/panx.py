@@ -23,7 +23,7 @@ from seqeval.metrics import f1_score, precision_score, recall_score
 
 from dlfa.data.features import TaggedSentence
 from dlfa.errors import DlfaInputError
-from dlfa.tasks.base import Hyperparameters, TaggingTask, read_lines
+from dlfa.tasks.base import Hyperparameters, TaggingTask, read_lines, shown
 
 NER_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 
@@ -64,7 +64,7 @@ def read_panx(path: str | Path) -> list[TaggedSentence]:
             raise DlfaInputError("empty token", path=path, line=number)
         if tag not in known:
             raise DlfaInputError(
-                f"unknown tag {tag!r} (expected one of: {', '.join(NER_TAGS)})", path=path, line=number
+                f"unknown tag {shown(tag)} (expected one of: {', '.join(NER_TAGS)})", path=path, line=number
             )
         current.append((number, token, tag, _PREFIX.match(token) is not None))
     if current:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from seqeval.metrics import f1_score
 
 from dlfa.data.features import TaggedSentence
 from dlfa.errors import DlfaInputError
-from dlfa.tasks.base import Hyperparameters, TaggingTask, read_lines
+from dlfa.tasks.base import Hyperparameters, TaggingTask, read_lines, shown
 
 UPOS_TAGS = (
     "ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM",
@@ -23,6 +24,7 @@ XTREME_LANGUAGES = (
 )  # fmt: skip
 
 CONLLU_COLUMNS = 10
+_TOKEN_ID = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²", which int() rejects
 
 
 def read_conllu(path: str | Path) -> list[TaggedSentence]:
@@ -47,18 +49,20 @@ def read_conllu(path: str | Path) -> list[TaggedSentence]:
         token_id, form, upos = columns[0], columns[1], columns[3]
         if "-" in token_id or "." in token_id:
             continue
-        if not token_id.isdigit():
-            raise DlfaInputError(f"token id {token_id!r} is not a number", path=path, line=number)
-        if int(token_id) != len(words) + 1:
+        if not _TOKEN_ID.fullmatch(token_id):
+            raise DlfaInputError(f"token id {shown(token_id)} is not a number", path=path, line=number)
+        # Compared as text: int() of a 5000-digit id raises ValueError (Python's integer-string limit).
+        if token_id.lstrip("0") != str(len(words) + 1):
+            short_id = token_id if len(token_id) <= 20 else token_id[:20] + "..."
             raise DlfaInputError(
-                f"token id {token_id} out of sequence (expected {len(words) + 1}; missing blank line between "
+                f"token id {short_id} out of sequence (expected {len(words) + 1}; missing blank line between "
                 "sentences?)",
                 path=path,
                 line=number,
             )
         if upos not in known:
-            raise DlfaInputError(f"unknown UPOS tag {upos!r}", path=path, line=number)
-        if not form:
+            raise DlfaInputError(f"unknown UPOS tag {shown(upos)}", path=path, line=number)
+        if not form.strip():
             raise DlfaInputError("empty word form", path=path, line=number)
         words.append(form)
         tags.append(upos)

@@ -23,7 +23,14 @@ from pathlib import Path
 from types import MappingProxyType
 
 from dlfa.errors import DlfaInputError
-from dlfa.tasks.base import Hyperparameters, PairClassificationTask, SentencePair, check_label, read_tsv_rows
+from dlfa.tasks.base import (
+    Hyperparameters,
+    PairClassificationTask,
+    SentencePair,
+    check_label,
+    read_tsv_rows,
+    shown,
+)
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 LABEL_ALIASES = MappingProxyType({"contradictory": "contradiction"})  # XNLI-MT's training files
@@ -76,7 +83,7 @@ def _read_named(
         label = check_label(fields[index["gold_label"]], NLI_LABELS, path, number, LABEL_ALIASES)
         language = "" if language_column is None else fields[language_column].strip()
         if language_column is not None and not _LANGUAGE.fullmatch(language):
-            raise DlfaInputError(f"bad language code {language!r} in the language column", path=path, line=number)
+            raise DlfaInputError(f"bad language code {shown(language)} in the language column", path=path, line=number)
         pair = SentencePair(fields[index["sentence1"]], fields[index["sentence2"]], label)
         by_language.setdefault(language, []).append(pair)
     return by_language
