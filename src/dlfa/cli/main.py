@@ -61,6 +61,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--freeze-embeddings", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", default=None)
+    p.add_argument("--method", choices=["finetune", "xmixup"],
+                   help="finetune (default: English fine-tuning) or xmixup (X-Mixup on parallel pairs, docs/xmixup.md)")
+    p.add_argument("--xmixup-parallel", type=_languages,
+                   help="X-Mixup pairs: target languages paired line by line with the English training file "
+                        "(e.g. de,fr), and/or parallel TSV files (LANG=FILE or FILE)")
+    p.add_argument("--xmixup-layers", type=_ints, help="mixing blocks 1..N, e.g. 1 or 3-4 (default: 1; tagging 4)")
+    p.add_argument("--xmixup-alpha", type=float, help="source task-loss weight (default 0.4; tagging 0.8)")
+    p.add_argument("--xmixup-schedule", choices=["inverse_sigmoid", "linear", "constant"],
+                   help="scheduled sampling of mixed vs plain target passes (default inverse_sigmoid)")
+    p.add_argument("--xmixup-schedule-k", type=float, help="inverse-sigmoid k (default: p = 0.5 at half of training)")
+    p.add_argument("--xmixup-kl-weight", type=float, help="consistency KL weight (default 1)")
+    p.add_argument("--xmixup-mse-weight", type=float, help="consistency MSE weight (default 1)")
+    p.add_argument("--xmixup-lambda-max", type=float, help="lambda_0, the largest mixing ratio (default 0.5)")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -162,7 +175,11 @@ def _train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("command", "config", "overwrite", "resume")}
     config = TrainConfig.from_dict({**base, **given})
-    result = FinetuneRecipe(config, overwrite=args.overwrite, resume=args.resume).run()
+    if config.method == "xmixup":
+        from dlfa.training.xmixup import XMixupRecipe as recipe_class
+    else:
+        recipe_class = FinetuneRecipe
+    result = recipe_class(config, overwrite=args.overwrite, resume=args.resume).run()
     _print_run_summary(result)
     return 0
 

@@ -64,6 +64,9 @@ def _subset(items: list, limit: int | None) -> list:
 
 
 class FinetuneRecipe:
+    # The TrainConfig.method this class runs (subclasses for other methods override it; see ``setup``).
+    training_method = "finetune"
+
     def __init__(
         self, config: TrainConfig, overwrite: bool = False, show_progress: bool = True, resume: bool = False
     ) -> None:
@@ -84,6 +87,9 @@ class FinetuneRecipe:
         from transformers import AutoConfig
 
         cfg = self.config
+        if cfg.method != self.training_method:
+            raise DlfaInputError(f"{type(self).__name__} runs method {self.training_method!r}, not {cfg.method!r} "
+                                 "(`dlfa train` picks the recipe of each method)", option="--method")
         self.task = task = get_task(cfg.task)
         if not cfg.data_dir:
             raise DlfaInputError("a data folder is required", option="--data-dir")
@@ -122,8 +128,7 @@ class FinetuneRecipe:
         self.collator = Collator(self.tokenizer, task.head)
         self.feature_cache = FeatureCache(enabled=cfg.feature_cache)
         holdout = self._holdout_tag()
-        self.train_features = self._features(train_examples, cfg.train_language, cfg.train_split,
-                                             f"train:{holdout}:{cfg.max_train_examples}")
+        self.train_features = self._build_train_features(train_examples, holdout)
         self.dev_examples = dev_examples
         self.dev_features = self._features(dev_examples, cfg.train_language, cfg.dev_split,
                                            f"select:{holdout}:{cfg.max_dev_examples}")
@@ -142,13 +147,11 @@ class FinetuneRecipe:
             aif_norm=cfg.aif_norm,
             encoder_name=cfg.model,
         )
-        model = DLFAModel.from_encoder(dlfa_config, self.model_path)
-        if cfg.freeze_embeddings:
-            model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        model = self._build_model(dlfa_config)
         optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
 
         self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
-        loader = train_loader(self.train_features, self.collator, cfg.batch_size, self.sampler_generator,
+        loader = train_loader(self.train_features, self._train_collator(), cfg.batch_size, self.sampler_generator,
                               cfg.group_by_length)
         steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -161,6 +164,31 @@ class FinetuneRecipe:
             model, optimizer, loader, scheduler
         )
         self._write_config()
+
+    # Hooks for recipes of other methods (X-Mixup): the training data, the model, the training loss.
+
+    def _build_train_features(self, train_examples: list, holdout: str) -> list[dict]:
+        cfg = self.config
+        return self._features(train_examples, cfg.train_language, cfg.train_split,
+                              f"train:{holdout}:{cfg.max_train_examples}")
+
+    def _train_collator(self):
+        return self.collator
+
+    def _build_model(self, dlfa_config: DLFAConfig) -> torch.nn.Module:
+        model = DLFAModel.from_encoder(dlfa_config, self.model_path)
+        if self.config.freeze_embeddings:
+            model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
+    def training_loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The loss of one training batch; ``step`` is the number of optimizer steps done before it."""
+        return self.model(**batch).loss
+
+    def _method_fields(self) -> dict[str, Any]:
+        """What metrics.json says about the method (reports make one row per method and fused layer)."""
+        return {"method": "dlfa" if self.config.fuse_layer is not None else "baseline",
+                "fuse_layer": self.config.fuse_layer}
 
     def _check_output_dir(self) -> None:
         """A new run needs an empty folder; ``resume`` continues a run of the same config from its checkpoint."""
@@ -290,7 +318,7 @@ class FinetuneRecipe:
                 resume_rng = None
             for batch in batches:
                 with accelerator.accumulate(self.model):
-                    loss = self.model(**batch).loss
+                    loss = self.training_loss(batch, loop["step"])
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -382,8 +410,7 @@ class FinetuneRecipe:
             result = {
                 "task": self.task.name,
                 "model": self.config.model,
-                "method": "dlfa" if self.config.fuse_layer is not None else "baseline",
-                "fuse_layer": self.config.fuse_layer,
+                **self._method_fields(),
                 "seed": self.config.seed,
                 "primary_metric": self.task.primary_metric,
                 "eval_split": self.task.eval_split,

@@ -1,0 +1,546 @@
+"""X-Mixup: the mixer's equations, the entropy, scheduled sampling, the loss terms, gradients, the parallel-data
+readers, the honest-evaluation rules and tiny end-to-end runs through the CLI (also with DLFA fusion and resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dlfa.cli.main import main
+from dlfa.data.parallel import pair_parallel_files, read_parallel_tsv, read_translate_train
+from dlfa.errors import DlfaInputError
+from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+from dlfa.modeling.modeling_xmixup import (
+    CrossAttentionMixer,
+    XMixupConfig,
+    XMixupModel,
+    masked_softmax_entropy,
+)
+from dlfa.tasks.xnli import LABEL_ALIASES, NLI_LABELS
+from dlfa.training.config import TrainConfig
+from dlfa.training.xmixup import (
+    XMixupRecipe,
+    auto_schedule_k,
+    draw_mix,
+    kl_consistency,
+    mixing_probability,
+    mse_consistency,
+    xmixup_objective,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and two threads on a busy 2-core machine are 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- the mixer -------------------------------------------------------------------------------------------------
+
+
+def _identity_mixer(weight: float, bias: float) -> CrossAttentionMixer:
+    mixer = CrossAttentionMixer(hidden_size=2, num_heads=1, lambda_max=0.5)
+    with torch.no_grad():
+        for linear in (mixer.query, mixer.key, mixer.value, mixer.output):
+            linear.weight.copy_(torch.eye(2))
+            linear.bias.zero_()
+        mixer.entropy_dense.weight.fill_(weight)
+        mixer.entropy_dense.bias.fill_(bias)
+    return mixer
+
+
+def test_mixing_equation_and_lambda_by_hand():
+    t = [1.0, 0.5]
+    s = [[2.0, 0.0], [0.0, 1.0]]
+    mixer = _identity_mixer(weight=0.7, bias=-0.3)
+    mixed, stats = mixer(torch.tensor([[t]]), torch.ones(1, 1), torch.tensor([s]), torch.ones(1, 2))
+
+    scores = [(t[0] * k[0] + t[1] * k[1]) / math.sqrt(2) for k in s]
+    z = sum(math.exp(x) for x in scores)
+    p = [math.exp(x) / z for x in scores]
+    attended = [p[0] * s[0][d] + p[1] * s[1][d] for d in range(2)]
+    # target->source: one row over two keys; source->target: two rows over one key (entropy 0 each).
+    entropy = -sum(pi * math.log(pi) for pi in p) + 0.0
+    lam = 0.5 / (1 + math.exp(-(0.7 * entropy - 0.3)))
+    expected = [lam * attended[d] + (1 - lam) * t[d] for d in range(2)]
+
+    assert stats.entropy.item() == pytest.approx(entropy, rel=1e-5)
+    assert stats.lam.item() == pytest.approx(lam, rel=1e-5)
+    assert mixed[0, 0].tolist() == pytest.approx(expected, rel=1e-5)
+    assert stats.attention[0, 0, 0].tolist() == pytest.approx(p, rel=1e-5)
+
+
+def test_lambda_starts_as_half_sigmoid_of_entropy_and_stays_below_lambda_max():
+    mixer = CrossAttentionMixer(hidden_size=8, num_heads=2, lambda_max=0.5)  # authors' init: kernel 1, bias 0
+    entropy = torch.tensor([0.0, 1.0, 3.0, 50.0])
+    assert mixer.mixing_ratio(entropy).tolist() == pytest.approx((0.5 * torch.sigmoid(entropy)).tolist())
+    assert mixer.mixing_ratio(entropy).max() <= 0.5
+
+
+def test_entropy_excludes_padding_keys_and_padding_queries():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 2, 3, 4)  # (batch, heads, queries, keys)
+    key_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    query_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    probs, entropy = masked_softmax_entropy(scores, key_mask, query_mask)
+
+    for b in range(2):
+        keys, queries = int(key_mask[b].sum()), int(query_mask[b].sum())
+        rows = []
+        for h in range(2):
+            for q in range(queries):
+                p = torch.softmax(scores[b, h, q, :keys].double(), dim=-1)
+                rows.append(float(-(p * p.log()).sum()))
+        assert entropy[b].item() == pytest.approx(sum(rows) / len(rows), rel=1e-5)
+        assert probs[b, :, :, keys:].abs().max().item() < 1e-12  # no attention on padding keys
+
+    # Whatever sits at padding positions changes nothing.
+    noisy = scores.clone()
+    noisy[0, :, :, 3] = 100.0
+    noisy[0, :, 2, :] = -50.0
+    assert masked_softmax_entropy(noisy, key_mask, query_mask)[1].tolist() == pytest.approx(entropy.tolist())
+
+
+def test_mixer_keeps_padding_positions_and_is_batch_independent():
+    torch.manual_seed(1)
+    mixer = CrossAttentionMixer(hidden_size=8, num_heads=2)
+    target, source = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
+    alone, stats = mixer(target, torch.ones(1, 3), source, torch.ones(1, 4))
+    # The same sentence padded by two more positions on both sides.
+    padded_t = torch.cat([target, torch.randn(1, 2, 8)], dim=1)
+    padded_s = torch.cat([source, torch.randn(1, 2, 8)], dim=1)
+    mixed, padded_stats = mixer(padded_t, torch.tensor([[1, 1, 1, 0, 0]]), padded_s, torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    assert torch.allclose(mixed[:, :3], alone, atol=1e-6)
+    assert torch.equal(mixed[:, 3:], padded_t[:, 3:])
+    assert padded_stats.lam.item() == pytest.approx(stats.lam.item(), rel=1e-6)
+
+
+# -- scheduled sampling ----------------------------------------------------------------------------------------
+
+
+def test_schedule_values():
+    k = 1000.0  # the authors' p_k
+    assert mixing_probability(0, 10_000, "inverse_sigmoid", k) == pytest.approx(1000 / 1001)
+    assert mixing_probability(round(k * math.log(k)), 10_000, "inverse_sigmoid", k) == pytest.approx(0.5, abs=1e-3)
+    assert mixing_probability(20_000, 10_000, "inverse_sigmoid", k) == pytest.approx(k / (k + math.exp(20)))
+    auto = auto_schedule_k(140)
+    assert auto * math.log(auto) == pytest.approx(70, rel=1e-6)
+    assert mixing_probability(70, 140, "inverse_sigmoid") == pytest.approx(0.5, abs=1e-6)
+    values = [mixing_probability(s, 140, "inverse_sigmoid") for s in range(141)]
+    assert values == sorted(values, reverse=True) and values[0] > 0.9 and values[-1] < 0.1
+    assert [mixing_probability(s, 4, "linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert mixing_probability(99, 4, "constant") == 1.0
+    assert mixing_probability(10**9, 10, "inverse_sigmoid", 2.0) == 0.0  # no overflow
+    # Draws are a pure function of (seed, step, micro-batch) with the scheduled frequency.
+    assert [draw_mix(3, s, 0, 0.5) for s in range(50)] == [draw_mix(3, s, 0, 0.5) for s in range(50)]
+    assert sum(draw_mix(0, s, 0, 0.3) for s in range(4000)) / 4000 == pytest.approx(0.3, abs=0.03)
+
+
+# -- the loss terms --------------------------------------------------------------------------------------------
+
+
+def _fake_output(batch=4, length=5, hidden=6, labels=3, seed=0):
+    from dlfa.modeling.modeling_xmixup import XMixupOutput
+
+    g = torch.Generator().manual_seed(seed)
+    src_logits, trg_logits = torch.randn(batch, labels, generator=g), torch.randn(batch, labels, generator=g)
+    src_feat, trg_feat = torch.randn(batch, length, hidden, generator=g), torch.randn(batch, length, hidden, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, 3:] = 0
+    return XMixupOutput(logits=(src_logits + trg_logits) / 2, source_logits=src_logits, target_logits=trg_logits,
+                        source_features=src_feat, target_features=trg_feat, source_attention_mask=mask,
+                        target_attention_mask=mask, mixed=True)
+
+
+def test_loss_terms_against_direct_computation():
+    out = _fake_output()
+    labels = torch.tensor([0, 2, 1, 1])
+    losses = xmixup_objective(out, labels, labels, "sequence", alpha=0.4, kl_weight=0.5, mse_weight=2.0)
+
+    def ce(logits):
+        return sum(-torch.log_softmax(logits[i], -1)[labels[i]].item() for i in range(4)) / 4
+
+    p, q = torch.softmax(out.source_logits, -1), torch.softmax(out.target_logits, -1)
+    kl = sum(sum(p[i, c] * math.log(p[i, c] / q[i, c]) for c in range(3)).item() for i in range(4)) / 4
+    cls_s, cls_t = out.source_features[:, 0], out.target_features[:, 0]
+    mse = ((cls_s - cls_t) ** 2).mean(dim=1).mean().item()
+    assert losses.source_task.item() == pytest.approx(ce(out.source_logits), rel=1e-5)
+    assert losses.target_task.item() == pytest.approx(ce(out.target_logits), rel=1e-5)
+    assert losses.task.item() == pytest.approx(0.4 * ce(out.source_logits) + 0.6 * ce(out.target_logits), rel=1e-5)
+    assert losses.kl.item() == pytest.approx(kl, rel=1e-5)
+    assert kl_consistency(out.source_logits, out.source_logits).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.mse.item() == pytest.approx(mse, rel=1e-5)
+    assert mse_consistency(cls_s, cls_t).item() == pytest.approx(mse, rel=1e-5)
+    assert losses.total.item() == pytest.approx(losses.task.item() + 0.5 * kl + 2.0 * mse, rel=1e-5)
+
+
+def test_tagging_without_target_labels_uses_the_source_loss_only():
+    out = _fake_output()
+    out.source_logits = torch.randn(4, 5, 3)
+    out.target_logits = torch.randn(4, 5, 3)
+    src_labels = torch.tensor([[-100, 0, 1, -100, -100]] + [[-100, 2, 2, 1, -100]] * 3)
+    trg_labels = torch.full((4, 5), -100)
+    losses = xmixup_objective(out, trg_labels, src_labels, "token", alpha=0.8)
+    active = src_labels != -100
+    direct = torch.nn.functional.cross_entropy(out.source_logits[active], src_labels[active])
+    assert losses.target_task is None
+    assert losses.task.item() == pytest.approx(direct.item(), rel=1e-5)
+    assert losses.kl.item() == 0.0
+    mask = out.source_attention_mask.unsqueeze(-1).float()
+    mean_s = (out.source_features * mask).sum(1) / mask.sum(1)
+    mean_t = (out.target_features * mask).sum(1) / mask.sum(1)
+    assert losses.mse.item() == pytest.approx(((mean_s - mean_t) ** 2).mean().item(), rel=1e-5)
+
+
+# -- the model: hooks, gradients, fusion, persistence --------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_xmixup(tiny_model_dir):
+    torch.manual_seed(0)
+    model = DLFAModel.from_encoder(DLFAConfig(head="sequence", num_labels=3, fuse_layer=2), str(tiny_model_dir))
+    return XMixupModel(model, XMixupConfig(layers=[1, 2]))
+
+
+def _pair_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (3, 7), generator=g)
+    src = torch.randint(5, 40, (3, 9), generator=g)
+    mask, src_mask = torch.ones_like(ids), torch.ones_like(src)
+    mask[0, 5:], src_mask[1, 6:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2]),
+            "src_input_ids": src, "src_attention_mask": src_mask, "src_labels": torch.tensor([0, 1, 2])}
+
+
+def test_mixers_start_from_the_encoder_attention(tiny_xmixup):
+    layers = tiny_xmixup.model.encoder.encoder.layer
+    assert tiny_xmixup.xmixup_config.init == {"1": "query/key of block 2", "2": "query/key of block 3"}
+    assert torch.equal(tiny_xmixup.mixers["1"].query.weight, layers[1].attention.self.query.weight)
+    assert torch.equal(tiny_xmixup.mixers["2"].key.bias, layers[2].attention.self.key.bias)
+    assert torch.equal(tiny_xmixup.mixers["1"].value.weight, torch.eye(32))
+
+
+def test_gradients_reach_encoder_mixer_and_lambda(tiny_xmixup):
+    batch = _pair_batch()
+    out = tiny_xmixup(**batch, mix=True)
+    assert set(out.stats) == {1, 2} and out.mixed
+    losses = xmixup_objective(out, batch["labels"], batch["src_labels"], "sequence", alpha=0.4)
+    losses.total.backward()
+    named = dict(tiny_xmixup.named_parameters())
+    for name in ("model.encoder.embeddings.word_embeddings.weight", "model.encoder.encoder.layer.0.output.dense.weight",
+                 "model.fusion.gate.local_branch.down.weight", "model.head.classifier.weight",
+                 "mixers.1.query.weight", "mixers.1.key.weight", "mixers.1.value.weight", "mixers.1.output.weight",
+                 "mixers.1.entropy_dense.weight", "mixers.1.entropy_dense.bias", "mixers.2.entropy_dense.weight"):
+        grad = named[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_plain_passes_match_the_wrapped_model_and_fusion_reads_the_mixed_states(tiny_xmixup):
+    tiny_xmixup.eval()
+    batch = _pair_batch(1)
+    plain = tiny_xmixup.model(batch["input_ids"], batch["attention_mask"]).logits
+    assert torch.equal(tiny_xmixup(batch["input_ids"], batch["attention_mask"]).logits, plain)
+    unmixed = tiny_xmixup(**batch, mix=False)
+    assert torch.allclose(unmixed.target_logits, plain, atol=1e-6) and not unmixed.stats
+
+    seen = {}
+    tiny_xmixup.mixers["2"].register_forward_hook(lambda m, a, out: seen.__setitem__("mixed", out[0]))
+    tiny_xmixup.model.fusion.register_forward_hook(lambda m, args, out: seen.__setitem__("lower", args[1]))
+    mixed = tiny_xmixup(**batch, mix=True)
+    assert torch.equal(seen["lower"], seen["mixed"])  # D_2 fuses the mixed output of block 2
+    assert not torch.allclose(mixed.target_logits, plain)
+    # The hooks are idle again afterwards.
+    assert torch.equal(tiny_xmixup(batch["input_ids"], batch["attention_mask"]).logits, plain)
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "xlm-roberta"])
+def test_other_encoders(kind):
+    from transformers import DistilBertConfig, DistilBertModel, XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        encoder = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, hidden_dim=64))
+    else:
+        encoder = XLMRobertaModel(XLMRobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3,
+                                                   num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
+    model = XMixupModel(DLFAModel(DLFAConfig(head="sequence", num_labels=3, fuse_layer=1), encoder),
+                        XMixupConfig(layers=[1, 3])).eval()
+    assert model.xmixup_config.init == {"1": "query/key of block 2", "3": "query/key of block 3"}
+    ids, src = torch.randint(3, 50, (2, 6)), torch.randint(3, 50, (2, 8))
+    pair = {"src_input_ids": src, "src_attention_mask": torch.ones_like(src)}
+    mixed = model(ids, torch.ones_like(ids), **pair)
+    plain = model(ids, torch.ones_like(ids), **pair, mix=False)
+    assert sorted(mixed.stats) == [1, 3] and not torch.allclose(mixed.target_logits, plain.target_logits)
+    assert torch.allclose(plain.target_logits, model(ids, torch.ones_like(ids)).logits, atol=1e-6)
+
+
+def test_save_and_load_round_trip(tiny_xmixup, tmp_path):
+    from dlfa.training.xmixup import ParallelCollator, featurize_pairs, predict_with_translation
+
+    with torch.no_grad():
+        tiny_xmixup.mixers["1"].entropy_dense.bias.fill_(0.25)
+    tiny_xmixup.save_pretrained(tmp_path / "m")
+    again = XMixupModel.from_pretrained(tmp_path / "m")
+    for name, tensor in tiny_xmixup.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    assert again.xmixup_config.init == tiny_xmixup.xmixup_config.init
+    plain = DLFAModel.from_pretrained(tmp_path / "m")  # the recipe's evaluation reads the folder as before
+    assert plain.config.fuse_layer == 2
+
+    # Inference with a source translation: the pair is mixed and the two logits averaged.
+    from conftest import build_tiny_tokenizer
+
+    from dlfa.data.parallel import ParallelPair
+    from dlfa.tasks import get_task
+    from dlfa.tasks.base import SentencePair
+
+    task = get_task("xnli")
+    pairs = [ParallelPair(SentencePair("the cat", "a cat", "entailment"), SentencePair("le chat", "el gato",
+                                                                                          "entailment"), "fr", "x:1")]
+    tokenizer = build_tiny_tokenizer()
+    features = featurize_pairs(task, pairs * 3, tokenizer, 32)
+    predicted = predict_with_translation(again, features, ParallelCollator(tokenizer, "sequence"), batch_size=2)
+    batch = ParallelCollator(tokenizer, "sequence")(features[:1])
+    batch.pop("labels"), batch.pop("src_labels")
+    again.eval()
+    expected = int(again(**batch).logits.argmax(-1))
+    assert predicted == [expected] * 3
+
+
+# -- parallel-data readers -------------------------------------------------------------------------------------
+
+
+def _write(path, rows):
+    path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_parallel_tsv_reader(tmp_path):
+    path = _write(tmp_path / "en-de-translated.tsv", [
+        ["sentence1", "sentence2", "t1", "t2", "label"],
+        ["the cat", "a cat", "die Katze", "eine Katze", "entailment"],
+        ["the dog", "no dog", "der Hund", "kein Hund", "contradictory"],
+    ])
+    pairs = read_translate_train(path, "xnli")
+    assert [p.source.label for p in pairs] == ["entailment", "contradiction"]
+    assert pairs[0].target.text_a == "die Katze" and pairs[0].language == "de"
+    assert pairs[1].origin.endswith("en-de-translated.tsv:3")
+    pawsx = read_translate_train(_write(tmp_path / "p.tsv", [["a", "b", "c", "d", "1"]]), "pawsx", "fr")
+    assert pawsx[0].target.label == "1" and pawsx[0].language == "fr"
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([["a", "b", "c", "d"]], "bad.tsv:1: expected 5 tab-separated columns"),
+    ([["a", "b", "c", "d", "entailment"], ["a", "b", "c", "d", "maybe"]], "bad.tsv:2: unknown label 'maybe'"),
+    ([["", "b", "c", "d", "neutral"]], "bad.tsv:1: empty text in column 1"),
+    ([], "bad.tsv: no sentence pairs"),
+])
+def test_parallel_tsv_bad_input(tmp_path, rows, expected):
+    with pytest.raises(DlfaInputError, match=expected):
+        read_parallel_tsv(_write(tmp_path / "bad.tsv", rows), NLI_LABELS, LABEL_ALIASES)
+
+
+def test_line_parallel_files(tmp_path):
+    en = _write(tmp_path / "dev-en.tsv", [["the cat", "a cat", "entailment"], ["the dog", "a cat", "contradiction"]])
+    de = _write(tmp_path / "dev-de.tsv", [["die Katze", "eine Katze", "entailment"], ["der Hund", "x", "contradiction"]])
+    pairs = pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES, "de")
+    assert [(p.source.text_a, p.target.text_a) for p in pairs] == [("the cat", "die Katze"), ("the dog", "der Hund")]
+
+    _write(de, [["die Katze", "eine Katze", "entailment"], ["der Hund", "x", "neutral"]])
+    with pytest.raises(DlfaInputError, match=r"dev-de.tsv:2: label 'neutral' differs from 'contradiction' at .*dev-en.tsv:2"):
+        pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES)
+    _write(de, [["die Katze", "eine Katze", "entailment"]])
+    with pytest.raises(DlfaInputError, match=r"dev-en.tsv:2: the files are not line-parallel: 2 rows"):
+        pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES)
+    _write(de, [["die Katze", "entailment"]])
+    with pytest.raises(DlfaInputError, match=r"dev-de.tsv:1: expected 3 tab-separated columns"):
+        pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES)
+
+
+def test_pawsx_release_files_are_joined_by_id(tmp_path):
+    from dlfa.tasks.pawsx import PAWSX_LABELS
+
+    header = ["id", "sentence1", "sentence2", "label"]
+    en = _write(tmp_path / "train.tsv", [header, ["1", "a", "b", "0"], ["2", "c", "d", "1"], ["3", "e", "f", "1"]])
+    de = _write(tmp_path / "translated_train.tsv", [header, ["3", "E", "F", "1"], ["1", "A", "B", "0"]])
+    pairs = pair_parallel_files(en, de, PAWSX_LABELS, None, "de")
+    assert [(p.source.text_a, p.target.text_a) for p in pairs] == [("e", "E"), ("a", "A")]
+    _write(de, [header, ["9", "X", "Y", "1"]])
+    with pytest.raises(DlfaInputError, match=r"translated_train.tsv:2: id '9' has no row"):
+        pair_parallel_files(en, de, PAWSX_LABELS)
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+
+
+def test_config_validation():
+    assert "method" not in TrainConfig().to_dict()  # fine-tuning configs read as before
+    assert TrainConfig(method="xmixup", xmixup_parallel=["de"]).to_dict()["xmixup_parallel"] == ["de"]
+    for kwargs, option in [
+        ({"xmixup_alpha": 0.5}, "--xmixup-alpha: is an X-Mixup option"),
+        ({"method": "xmixup"}, "--xmixup-parallel"),
+        ({"method": "mixup"}, "--method"),
+        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_alpha": 1.5}, "--xmixup-alpha"),
+        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_layers": [0]}, "--xmixup-layers"),
+        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_schedule": "cosine"}, "--xmixup-schedule"),
+        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_lambda_max": 0}, "--xmixup-lambda-max"),
+    ]:
+        with pytest.raises(DlfaInputError, match=option):
+            TrainConfig(**kwargs)
+
+
+# -- end to end ------------------------------------------------------------------------------------------------
+
+EN = [("the cat sat on the mat", "a cat is on a mat", "entailment"),
+      ("the dog sat on the mat", "a cat is on a mat", "contradiction"),
+      ("a dog is on a mat", "the dog sat", "neutral"),
+      ("the cat is a cat", "a dog", "contradiction")]
+DE = [("die Katze sass", "eine Katze", "entailment"), ("der Hund sass", "eine Katze", "contradiction"),
+      ("ein Hund", "der Hund sass", "neutral"), ("die Katze", "ein Hund", "contradiction")]
+FR = [("le chat", "un chat", "entailment"), ("le chien", "un chat", "contradiction"),
+      ("un chien", "le chien", "neutral"), ("le chat est", "un chien", "contradiction")]
+
+
+@pytest.fixture
+def tiny_xnli_dir(tmp_path):
+    folder = tmp_path / "xnli"
+    folder.mkdir()
+    for lang, rows in (("en", EN), ("de", DE), ("fr", FR)):
+        numbered = [(f"{a} {i}", f"{b} {i}", label) for i in range(5) for a, b, label in rows]  # 20 pairs
+        _write(folder / f"dev-{lang}.tsv", numbered)
+        _write(folder / f"test-{lang}.tsv", [(a + " x", b, label) for a, b, label in rows])
+    return folder
+
+
+def _xmixup_args(model_dir, data_dir, out, *extra):
+    return ["train", "--method", "xmixup", "--task", "xnli", "--model", str(model_dir), "--data-dir", str(data_dir),
+            "--output", str(out), "--train-split", "dev", "--dev-split", "dev", "--xmixup-parallel", "de,fr",
+            "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3", "--languages", "de,en", "--seed", "5",
+            *extra]
+
+
+def _comparable(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("train_seconds")
+    return metrics
+
+
+def test_train_and_evaluate_end_to_end(tiny_model_dir, tiny_xnli_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(_xmixup_args(tiny_model_dir, tiny_xnli_dir, out, "--eval-every", "2")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "xmixup" and metrics["fuse_layer"] is None
+    record = metrics["xmixup"]
+    # 20 English dev examples: 2 held out for selection, their translations left out of the pairs.
+    assert record["pairs"]["de"] == {"read": 20, "selection": 2, "not_in_training_examples": 0, "evaluation": 0,
+                                     "kept": 18}
+    assert record["pairs"]["fr"]["kept"] == 18
+    assert record["layers"] == [1] and record["alpha"] == 0.4 and record["schedule"] == "inverse_sigmoid"
+    history = metrics["selection"]["history"]
+    assert [h["step"] for h in history] == [2, 4, 5]  # 36 pairs / 8 per batch
+    assert all(0 <= h["xmixup"]["mixed_fraction"] <= 1 for h in history)
+    assert metrics["selection"]["held_out_from_training_file"] is True
+    for name in ("best/model.safetensors", "best/xmixup.safetensors", "best/xmixup_config.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["xmixup"]["pairs"]["de"]["kept"] == 18
+    assert not (out / "checkpoint").exists()
+
+    assert main(["evaluate", "--run", str(out), "--output", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    for lang in ("de", "en"):
+        assert again["languages"][lang]["accuracy"] == pytest.approx(metrics["languages"][lang]["accuracy"])
+
+
+def test_held_out_examples_and_their_translations_are_not_trained_on(tiny_model_dir, tiny_xnli_dir, tmp_path):
+    config = TrainConfig.from_dict({"task": "xnli", "model": str(tiny_model_dir), "data_dir": str(tiny_xnli_dir),
+                                    "output_dir": str(tmp_path / "r"), "train_split": "dev", "dev_split": "dev",
+                                    "method": "xmixup", "xmixup_parallel": ["de"], "languages": ["de"]})
+    recipe = XMixupRecipe(config, show_progress=False)
+    try:
+        recipe.setup()
+        english = [(e.text_a, e.text_b) for e in recipe.task.read(tiny_xnli_dir, "en", "dev")]
+        german = [(e.text_a, e.text_b) for e in recipe.task.read(tiny_xnli_dir, "de", "dev")]
+        held_out = {english.index((e.text_a, e.text_b)) for e in recipe.dev_examples}
+        trained_sources = {english.index((p.source.text_a, p.source.text_b)) for p in recipe.pairs}
+        trained_targets = {german.index((p.target.text_a, p.target.text_b)) for p in recipe.pairs}
+        assert len(held_out) == 2 and not held_out & trained_sources and not held_out & trained_targets
+        assert trained_sources == trained_targets == set(range(20)) - held_out
+    finally:
+        recipe.cleanup()
+
+
+def test_pairs_overlapping_evaluation_data_are_dropped_and_eval_files_refused(tiny_model_dir, tiny_xnli_dir,
+                                                                              tmp_path, capsys):
+    test_de = (tiny_xnli_dir / "test-de.tsv").read_text().splitlines()[0].split("\t")
+    parallel = _write(tmp_path / "en-de-translated.tsv", [
+        ["new english", "text", "neue", "Texte", "neutral"],
+        ["other english", "text", test_de[0], test_de[1], test_de[2]],  # a translation that is a test example
+    ])
+    out = tmp_path / "run"
+    args = _xmixup_args(tiny_model_dir, tiny_xnli_dir, out)
+    args[args.index("de,fr")] = f"de={parallel}"
+    assert main(args) == 0
+    pairs = json.loads((out / "metrics.json").read_text())["xmixup"]["pairs"]["de"]
+    assert pairs["evaluation"] == 1 and pairs["kept"] == 1
+
+    args[args.index(f"de={parallel}")] = str(tiny_xnli_dir / "test-de.tsv")
+    assert main([*args, "--overwrite"]) == 2
+    assert "test-de.tsv: is an evaluation file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--xmixup-layers", "5"], "option --xmixup-layers: mixing blocks must be integers in 1..4"),
+    (["--xmixup-parallel", "en"], "'en' is the training language"),
+    (["--xmixup-parallel", "ja"], "need exactly one xnli dev file for 'ja'"),
+])
+def test_bad_xmixup_options(tiny_model_dir, tiny_xnli_dir, tmp_path, capsys, extra, expected):
+    out = tmp_path / "run"
+    assert main([*_xmixup_args(tiny_model_dir, tiny_xnli_dir, out), *extra]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_tagging_and_other_recipes_refuse_xmixup(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
+    args = ["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
+            str(tiny_udpos_dir), "--output", str(tmp_path / "run"), "--xmixup-parallel", "de"]
+    assert main(args) == 2
+    assert "X-Mixup training in dlfa covers the sentence-pair tasks" in capsys.readouterr().err
+    from dlfa.training.recipe import FinetuneRecipe
+
+    config = TrainConfig(task="udpos", data_dir=str(tiny_udpos_dir), method="xmixup", xmixup_parallel=["de"])
+    with pytest.raises(DlfaInputError, match="runs method 'finetune', not 'xmixup'"):
+        FinetuneRecipe(config).setup()
+
+
+def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir, tmp_path, monkeypatch):
+    extra = ("--fuse-layer", "2", "--xmixup-layers", "1-2", "--epochs", "2", "--checkpoint-every", "2",
+             "--eval-every", "3")
+    reference = tmp_path / "reference"
+    assert main(_xmixup_args(tiny_model_dir, tiny_xnli_dir, reference, *extra)) == 0
+    metrics = _comparable(reference)
+    assert metrics["method"] == "xmixup" and metrics["fuse_layer"] == 2 and metrics["xmixup"]["layers"] == [1, 2]
+    model = XMixupModel.from_pretrained(reference / "best")
+    assert model.model.fusion is not None and set(model.mixers) == {"1", "2"}
+
+    # Interrupt right after the second checkpoint (step 4 of 10), then resume.
+    original, calls = XMixupRecipe._checkpoint, []
+
+    def interrupt(self, loop):
+        original(self, loop)
+        calls.append(loop["step"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(XMixupRecipe, "_checkpoint", interrupt)
+    killed = tmp_path / "killed"
+    assert main(_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra)) == 130
+    assert calls == [2, 4] and not (killed / "metrics.json").exists()
+    monkeypatch.setattr(XMixupRecipe, "_checkpoint", original)
+    assert main([*_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra), "--resume"]) == 0
+    assert _comparable(killed) == metrics
