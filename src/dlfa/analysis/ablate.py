@@ -30,6 +30,7 @@ from torch import nn
 
 from dlfa.errors import DlfaInputError
 from dlfa.io import write_json_atomic, write_text_atomic
+from dlfa.modeling.modeling_dlfa import encoder_blocks
 from dlfa.training.config import TrainConfig
 from dlfa.training.recipe import CONFIG_FILE, METRICS_FILE, FinetuneRecipe
 
@@ -63,20 +64,6 @@ def arm_name(layers: Sequence[int]) -> str:
     if layers == list(range(layers[0], layers[-1] + 1)):
         return f"reinit-{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"reinit-{layers[0]}"
     return "reinit-" + "_".join(map(str, layers))
-
-
-def encoder_blocks(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The encoder's list of transformer blocks (BERT/XLM-R: encoder.layer; DistilBERT: transformer.layer)."""
-    for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
-        module: Any = encoder
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    for module in encoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise DlfaInputError(f"cannot find the {num_layers} transformer blocks of a {type(encoder).__name__}")
 
 
 def validate_layers(layers: Sequence[int], num_layers: int, option: str = "--reinit-layers") -> None:

@@ -91,21 +91,40 @@ class DLFAConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def encoder_num_layers(encoder_config: Any) -> int:
-    """Number of transformer blocks N of a transformers encoder config (BERT, XLM-R, DistilBERT...)."""
-    for name in ("num_hidden_layers", "n_layers", "num_layers"):
+def _config_int(encoder_config: Any, names: tuple[str, ...], what: str) -> int:
+    """An integer setting that encoder families name differently (BERT: hidden_size, DistilBERT: dim...)."""
+    for name in names:
         value = getattr(encoder_config, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"cannot tell the number of layers of a {type(encoder_config).__name__}")
+    raise ValueError(f"cannot tell the {what} of a {type(encoder_config).__name__}")
+
+
+def encoder_num_layers(encoder_config: Any) -> int:
+    """Number of transformer blocks N of a transformers encoder config (BERT, XLM-R, DistilBERT...)."""
+    return _config_int(encoder_config, ("num_hidden_layers", "n_layers", "num_layers"), "number of layers")
 
 
 def encoder_hidden_size(encoder_config: Any) -> int:
-    for name in ("hidden_size", "dim", "d_model"):
-        value = getattr(encoder_config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the hidden size of a {type(encoder_config).__name__}")
+    return _config_int(encoder_config, ("hidden_size", "dim", "d_model"), "hidden size")
+
+
+def encoder_num_heads(encoder_config: Any) -> int:
+    return _config_int(encoder_config, ("num_attention_heads", "n_heads", "num_heads"), "number of attention heads")
+
+
+def encoder_blocks(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The encoder's list of transformer blocks (BERT/XLM-R: encoder.layer; DistilBERT: transformer.layer)."""
+    for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
+        module: Any = encoder
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise DlfaInputError(f"cannot find the {num_layers} transformer blocks of a {type(encoder).__name__}")
 
 
 def validate_fuse_layer(fuse_layer: int | None, num_layers: int, option: str = "--fuse-layer") -> None:

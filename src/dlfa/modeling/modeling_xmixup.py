@@ -63,7 +63,14 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dlfa.errors import DlfaInputError
-from dlfa.modeling.modeling_dlfa import DLFAModel, DLFAOutput, encoder_hidden_size, encoder_num_layers
+from dlfa.modeling.modeling_dlfa import (
+    DLFAModel,
+    DLFAOutput,
+    encoder_blocks,
+    encoder_hidden_size,
+    encoder_num_heads,
+    encoder_num_layers,
+)
 
 XMIXUP_CONFIG_NAME = "xmixup_config.json"
 XMIXUP_WEIGHTS_NAME = "xmixup.safetensors"
@@ -95,28 +102,6 @@ def validate_xmixup_layers(layers: Sequence[int], num_layers: int, option: str =
     if bad:
         raise DlfaInputError(f"mixing blocks must be integers in 1..{num_layers} for a {num_layers}-layer encoder, "
                              f"got {bad[0]!r}", option=option)
-
-
-def encoder_blocks(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The encoder's list of transformer blocks (BERT/XLM-R: encoder.layer; DistilBERT: transformer.layer)."""
-    for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
-        module: Any = encoder
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    for module in encoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise DlfaInputError(f"cannot find the {num_layers} transformer blocks of a {type(encoder).__name__}")
-
-
-def encoder_num_heads(encoder_config: Any) -> int:
-    for name in ("num_attention_heads", "n_heads", "num_heads"):
-        value = getattr(encoder_config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the number of attention heads of a {type(encoder_config).__name__}")
 
 
 _QUERY_NAMES = ("query", "q_lin", "q_proj", "q")
