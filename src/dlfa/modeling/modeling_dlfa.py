@@ -58,8 +58,20 @@ WEIGHTS_NAME = "model.safetensors"
 HEAD_TYPES = ("token", "sequence")
 
 
+class DictConfig:
+    """JSON round trip for a config dataclass; unknown keys (from newer versions) are ignored on load."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
-class DLFAConfig:
+class DLFAConfig(DictConfig):
     """Everything needed to rebuild a :class:`DLFAModel` apart from the weights."""
 
     head: str = "token"  # "token" (tagging) or "sequence" (sentence / sentence-pair classification)
@@ -81,14 +93,6 @@ class DLFAConfig:
             raise DlfaInputError(f"unknown aif_norm {self.aif_norm!r}; expected layernorm or none")
         if self.reduction < 1:
             raise DlfaInputError(f"reduction must be >= 1, got {self.reduction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DLFAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _config_int(encoder_config: Any, names: tuple[str, ...], what: str) -> int:

@@ -50,10 +50,9 @@ mixers; :meth:`XMixupModel.from_pretrained` reads both back.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from torch import nn
 
 from dlfa.errors import DlfaInputError
 from dlfa.modeling.modeling_dlfa import (
+    DictConfig,
     DLFAModel,
     DLFAOutput,
     encoder_blocks,
@@ -78,21 +78,13 @@ NEG_INF = -1e9  # additive mask; finite so that fully masked rows (none occur in
 
 
 @dataclass
-class XMixupConfig:
+class XMixupConfig(DictConfig):
     layers: list[int] = field(default_factory=lambda: [1])  # mixing blocks, 1..N
     lambda_max: float = 0.5  # lambda_0
     num_heads: int = 12
     hidden_size: int = 768
     initializer_range: float = 0.02
     init: dict[str, str] = field(default_factory=dict)  # per layer: where query/key started from (informational)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> XMixupConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def validate_xmixup_layers(layers: Sequence[int], num_layers: int, option: str = "--xmixup-layers") -> None:
