@@ -29,7 +29,8 @@ METRIC = {"xnli": "accuracy", "udpos": "f1"}
 
 
 def make_run(folder: Path, task: str, scores: dict[str, float], *, method: str | None = None,
-             fuse_layer: int | None = None, seed: int = 1, model: str = "tiny", num_layers: int = 4) -> Path:
+             fuse_layer: int | None = None, seed: int = 1, model: str = "tiny", num_layers: int = 4,
+             dev: float | None = None) -> Path:
     """A finished run folder as the recipe writes it (only the fields the report reads)."""
     metric = METRIC[task]
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,8 @@ def make_run(folder: Path, task: str, scores: dict[str, float], *, method: str |
     metrics = {
         "task": task, "model": model, "method": method or ("dlfa" if fuse_layer is not None else "baseline"),
         "fuse_layer": fuse_layer, "seed": seed, "primary_metric": metric, "eval_split": "test",
-        "selection": {}, "languages": languages, "leaky_languages": [],
+        "selection": {} if dev is None else {"language": "en", "split": "dev", "best_score": dev},
+        "languages": languages, "leaky_languages": [],
         "average": {metric: avg, "accuracy": avg}, "average_zero_shot": {}, "train_seconds": 1.0,
     }
     (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
@@ -283,3 +285,30 @@ def test_options_published_auto_only_for_mbert(sweep):
     table, _ = report.table1()
     assert not any("paper" in h for h in table.headers)
     assert math.isclose(report.cell("xnli", "tiny", Row("", 2)).mean, 75.0)
+
+
+def test_layer_is_selected_on_english_dev_only(tmp_path):
+    """D_1 has the better English dev score but the worse target scores: the report must still pick D_1."""
+    root = tmp_path / "sweep"
+    for seed in (1, 2):
+        make_run(root / f"base/{seed}", "xnli", {"en": 70.0 + seed, "de": 60.0}, seed=seed, dev=70.0)
+        make_run(root / f"d1/{seed}", "xnli", {"en": 71.0 + seed, "de": 60.0}, fuse_layer=1, seed=seed, dev=75.0)
+        make_run(root / f"d2/{seed}", "xnli", {"en": 70.0 + seed, "de": 70.0 + 2 * seed}, fuse_layer=2, seed=seed,
+                 dev=74.0)
+    report = Report(collect_runs([root]).runs)
+    assert report.selected_rows() == {("xnli", "tiny", ""): Row("", 1)}
+    delta = report.paired_delta("xnli", "tiny", Row("", 2))
+    # per seed: D_2 average (70+s + 70+2s)/2 minus baseline (70+s + 60)/2 = 5 + s
+    assert delta.values == (6.0, 7.0) and delta.seeds == (1, 2)
+    table, records = report.selection_table()
+    selected = [r for r in records if r["selected"]]
+    assert [r["row"] for r in selected] == ["D_1"] and selected[0]["dev_mean"] == pytest.approx(75.0)
+    out = tmp_path / "report"
+    assert main(["report", str(root), "--output", str(out)]) == 0
+    assert (out / "selection.csv").exists() and "best en dev" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_no_selection_table_without_dev_scores(sweep, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(sweep), "--output", str(out)]) == 0
+    assert not (out / "selection.md").exists()

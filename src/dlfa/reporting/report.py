@@ -113,6 +113,7 @@ class RunResult:
     languages: Mapping[str, float]  # the primary metric per language
     num_layers: int | None
     leaky: tuple[str, ...] = ()
+    dev_score: float | None = None  # metrics["selection"]["best_score"]: English dev, the only selection signal
 
 
 @dataclass
@@ -169,10 +170,13 @@ def load_run(folder: str | Path) -> RunResult:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise bad(f"'seed' must be an integer, got {seed!r}")
     leaky = data.get("leaky_languages") or []
+    selection = data.get("selection")
+    dev_score = selection.get("best_score") if isinstance(selection, dict) else None
     return RunResult(
         path=folder, task=data["task"], model=data["model"], row=row_for(method, fuse_layer), seed=seed,
         metric=metric, score=float(avg[metric]), languages=per_language, num_layers=_num_layers(folder),
         leaky=tuple(str(x) for x in leaky) if isinstance(leaky, list) else (),
+        dev_score=float(dev_score) if _number(dev_score) else None,
     )
 
 
@@ -541,6 +545,54 @@ class Report:
             tables.append(table)
         return tables, records
 
+    # Layer selection on English dev ------------------------------------------------------------------------------
+
+    def dev_cell(self, task: str, model: str, row: Row) -> Stat | None:
+        members = [r for r in self.groups.get((task, model, row), []) if r.dev_score is not None]
+        return _stat([r.dev_score for r in members], [r.seed for r in members]) if members else None
+
+    def selected_rows(self) -> dict[tuple[str, str, str], Row]:
+        """(task, model, family) -> the fused row with the best mean English-dev score: the honest pick of x."""
+        chosen: dict[tuple[str, str, str], tuple[float, Row]] = {}
+        for (task, model, row) in self.groups:
+            stat = self.dev_cell(task, model, row) if row.fuse_layer is not None else None
+            key = (task, model, row.family)
+            if stat is not None and (key not in chosen or stat.mean > chosen[key][0]):
+                chosen[key] = (stat.mean, row)
+        return {key: row for key, (_, row) in chosen.items()}
+
+    def paired_delta(self, task: str, model: str, row: Row) -> Stat | None:
+        """Score of ``row`` minus its base row, seed by seed (only seeds both rows ran)."""
+        base = {r.seed: r.score for r in self.groups.get((task, model, row.base), []) if r.seed is not None}
+        pairs = [(r.seed, r.score - base[r.seed]) for r in self.groups.get((task, model, row), []) if r.seed in base]
+        return _stat([d for _, d in pairs], [s for s, _ in pairs]) if pairs else None
+
+    def selection_table(self) -> tuple[Table, list[dict[str, Any]]]:
+        table = Table("Layer selection on English dev (the only selection signal): dev score of each row, its "
+                      "zero-shot average, and the paired difference to its base row over the same seeds",
+                      ["task", "model", "row", "en dev", "average (Table 1)", "Δ vs base (paired)", "selected"], [],
+                      label_columns=3)
+        selected = self.selected_rows()
+        records = []
+        for task in self.tasks:
+            for model, row in self.row_keys:
+                dev, score = self.dev_cell(task, model, row), self.cell(task, model, row)
+                if dev is None or score is None:
+                    continue
+                delta = self.paired_delta(task, model, row) if row.fuse_layer is not None else None
+                is_selected = selected.get((task, model, row.family)) == row
+                table.rows.append([task, model_label(model), row.label, dev.text(), score.text(),
+                                   "–" if delta is None else delta.text(),
+                                   "✓ (best en dev)" if is_selected else ""])
+                records.append({"task": task, "model": model, "row": row.label, "dev_mean": dev.mean,
+                                "dev_std": dev.std, "mean": score.mean, "std": score.std, "n": score.n,
+                                "delta_mean": None if delta is None else delta.mean,
+                                "delta_std": None if delta is None else delta.std, "selected": is_selected})
+        table.notes.append("en dev: metrics.json `selection.best_score`, the English-dev score of the checkpoint "
+                           "each run kept. The selected row of each method is the fused layer with the best mean "
+                           "English-dev score; target-language scores play no part in the choice.")
+        return table, records
+
     # Seeds and spread --------------------------------------------------------------------------------------------
 
     def seeds_table(self) -> tuple[Table, list[dict[str, Any]]]:
@@ -745,8 +797,11 @@ def write_report(
     t2, r2 = report.table2()
     t4, r4 = report.table4()
     seeds, rs = report.seeds_table()
-    for name, tables, records in (("table1", [t1], r1), ("table2", t2, r2), ("table4", t4, r4),
-                                  ("seeds", [seeds], rs)):
+    selection, rsel = report.selection_table()
+    outputs = [("table1", [t1], r1), ("table2", t2, r2), ("table4", t4, r4), ("seeds", [seeds], rs)]
+    if selection.rows:
+        outputs.append(("selection", [selection], rsel))
+    for name, tables, records in outputs:
         put(f"{name}.md", "\n".join(table_markdown(t) for t in tables))
         put(f"{name}.csv", records_csv(records))
         put(f"{name}.tex", "\n".join(table_latex(t) for t in tables))
@@ -784,6 +839,8 @@ def write_report(
         "",
         table_markdown(t1),
     ]
+    if selection.rows:
+        lines.append(table_markdown(selection))
     lines += [table_markdown(t) for t in t2] + [table_markdown(t) for t in t4] + [table_markdown(seeds)]
     if published is not None:
         lines.append(table_markdown(published))
