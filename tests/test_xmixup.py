@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from dlfa.cli.main import main
-from dlfa.data.parallel import pair_parallel_files, read_parallel_tsv, read_translate_train
+from dlfa.data.parallel import (
+    pair_parallel_files,
+    read_parallel_tagging,
+    read_parallel_tsv,
+    read_translate_train,
+)
 from dlfa.errors import DlfaInputError
 from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
 from dlfa.modeling.modeling_xmixup import (
@@ -22,9 +28,11 @@ from dlfa.modeling.modeling_xmixup import (
 from dlfa.tasks.xnli import LABEL_ALIASES, NLI_LABELS
 from dlfa.training.config import TrainConfig
 from dlfa.training.xmixup import (
+    ParallelCollator,
     XMixupRecipe,
     auto_schedule_k,
     draw_mix,
+    featurize_pairs,
     kl_consistency,
     mixing_probability,
     mse_consistency,
@@ -281,7 +289,7 @@ def test_other_encoders(kind):
 
 
 def test_save_and_load_round_trip(tiny_xmixup, tmp_path):
-    from dlfa.training.xmixup import ParallelCollator, featurize_pairs, predict_with_translation
+    from dlfa.training.xmixup import predict_with_translation
 
     with torch.no_grad():
         tiny_xmixup.mixers["1"].entropy_dense.bias.fill_(0.25)
@@ -506,11 +514,14 @@ def test_bad_xmixup_options(tiny_model_dir, tiny_xnli_dir, tmp_path, capsys, ext
     assert not out.exists()
 
 
-def test_tagging_and_other_recipes_refuse_xmixup(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
+def test_tagging_line_pairing_and_other_recipes_refuse_xmixup(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
+    out = tmp_path / "run"
     args = ["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
-            str(tiny_udpos_dir), "--output", str(tmp_path / "run"), "--xmixup-parallel", "de"]
+            str(tiny_udpos_dir), "--output", str(out), "--xmixup-parallel", "de"]
     assert main(args) == 2
-    assert "X-Mixup training in dlfa covers the sentence-pair tasks" in capsys.readouterr().err
+    assert ("option --xmixup-parallel: 'de': udpos files of different languages are not translations of each other"
+            in capsys.readouterr().err)
+    assert not out.exists()
     from dlfa.training.recipe import FinetuneRecipe
 
     config = TrainConfig(task="udpos", data_dir=str(tiny_udpos_dir), method="xmixup", xmixup_parallel=["de"])
@@ -544,3 +555,141 @@ def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir,
     monkeypatch.setattr(XMixupRecipe, "_checkpoint", original)
     assert main([*_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra), "--resume"]) == 0
     assert _comparable(killed) == metrics
+
+
+# -- tagging (UD-POS, PAN-X): parallel tagging files ---------------------------------------------------------
+
+# English source with UPOS tags, German target with projected tags. The English sentences are not in the tiny
+# English dev file (selection) and no side is in de-test.conllu, except the last pair's target.
+TAGGED = [
+    ("a cat sat", "DET NOUN VERB", "eine Katze sass", "DET NOUN VERB"),
+    ("the dog is on the mat", "DET NOUN AUX ADP DET NOUN", "der Hund ist auf der Matte", "DET NOUN AUX ADP DET NOUN"),
+    ("a dog sat on a mat .", "DET NOUN VERB ADP DET NOUN PUNCT", "ein Hund sass auf einer Matte .",
+     "DET NOUN VERB ADP DET NOUN PUNCT"),
+    ("the cat is a cat", "DET NOUN AUX DET NOUN", "die Katze ist eine Katze", "DET NOUN AUX DET NOUN"),
+    ("a mat", "DET NOUN", "eine Matte", "DET NOUN"),
+    ("the dog sat on a cat", "DET NOUN VERB ADP DET NOUN", "der Hund sass auf einer Katze",
+     "DET NOUN VERB ADP DET NOUN"),
+    ("a cat and a dog", "DET NOUN CCONJ DET NOUN", "eine Katze und ein Hund", "DET NOUN CCONJ DET NOUN"),
+    ("the mat .", "DET NOUN PUNCT", "die Matte .", "DET NOUN PUNCT"),
+    ("the dog and the cat .", "DET NOUN CCONJ DET NOUN PUNCT", "der Hund und die Katze .",  # = de-test
+     "DET NOUN CCONJ DET NOUN PUNCT"),
+]
+
+
+def _tagging_file(path, target_tags: bool):
+    return _write(path, [row if target_tags else row[:3] for row in TAGGED])
+
+
+def test_parallel_tagging_reader(tmp_path):
+    from dlfa.tasks.panx import NER_TAGS
+    from dlfa.tasks.udpos import UPOS_TAGS
+
+    pairs = read_parallel_tagging(_tagging_file(tmp_path / "en-de-translated.tsv", True), UPOS_TAGS)
+    assert len(pairs) == len(TAGGED) and pairs[0].language == "de" and pairs[0].target_labelled
+    assert pairs[1].source.words == ["the", "dog", "is", "on", "the", "mat"]
+    assert pairs[1].target.tags == ["DET", "NOUN", "AUX", "ADP", "DET", "NOUN"]
+    assert pairs[2].origin.endswith("en-de-translated.tsv:3")
+
+    plain = read_translate_train(_tagging_file(tmp_path / "plain.tsv", False), "udpos", "fr")
+    assert plain[0].language == "fr" and plain[0].target.words == ["eine", "Katze", "sass"]
+    assert not any(p.target_labelled for p in plain) and plain[0].source.tags == ["DET", "NOUN", "VERB"]
+
+    ner = read_translate_train(_write(tmp_path / "ner.tsv", [["Paris is big", "B-LOC O O", "Paris ist gross"]]),
+                               "panx", "de")
+    assert ner[0].source.tags == ["B-LOC", "O", "O"] and set(ner[0].source.tags) <= set(NER_TAGS)
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([["a cat", "DET NOUN", "eine Katze", "DET NOUNS"]], "bad.tsv:1: unknown label 'NOUNS'"),
+    ([["a cat", "DET NOUN", "x"], ["a cat", "DET B-LOC", "x"]], "bad.tsv:2: unknown label 'B-LOC'"),
+    ([["a cat", "DET", "eine Katze"]], "bad.tsv:1: 1 source tags for 2 source tokens"),
+    ([["a cat", "DET NOUN", "eine Katze", "DET NOUN ADJ"]], "bad.tsv:1: 3 target tags for 2 target tokens"),
+    ([["a cat", "DET NOUN"]], "bad.tsv:1: expected 3 or 4 tab-separated columns (source tokens, source tags, "
+                              "target tokens[, target tags]), found 2"),
+    ([["a cat", "DET NOUN", "eine Katze"], ["a cat", "DET NOUN", "eine Katze", "DET NOUN"]],
+     "bad.tsv:2: 4 columns where the first row has 3: target tags are given for every row of a file or for none"),
+    ([["a cat", "DET NOUN", " "]], "bad.tsv:1: no target tokens"),
+    ([], "bad.tsv: no sentence pairs"),
+])
+def test_parallel_tagging_bad_input(tmp_path, rows, expected):
+    from dlfa.tasks.udpos import UPOS_TAGS
+
+    with pytest.raises(DlfaInputError, match=re.escape(expected)):
+        read_parallel_tagging(_write(tmp_path / "bad.tsv", rows), UPOS_TAGS)
+
+
+def test_tagging_pair_features_and_no_target_task_term_without_target_tags(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from dlfa.tasks import get_task
+
+    task = get_task("udpos")
+    tagged = read_translate_train(_tagging_file(tmp_path / "t.tsv", True), "udpos", "de")[:4]
+    untagged = read_translate_train(_tagging_file(tmp_path / "u.tsv", False), "udpos", "de")[:4]
+    features = featurize_pairs(task, tagged, tiny_tokenizer, 64)
+    # Both sides carry the task's own first-sub-token labels.
+    assert [f["labels"] for f in features] == [f["labels"] for f in task.featurize([p.target for p in tagged],
+                                                                                  tiny_tokenizer, 64)]
+    assert [f["src_labels"] for f in features] == [f["labels"] for f in task.featurize([p.source for p in tagged],
+                                                                                      tiny_tokenizer, 64)]
+    bare = featurize_pairs(task, untagged, tiny_tokenizer, 64)
+    assert [f["input_ids"] for f in bare] == [f["input_ids"] for f in features]
+    assert all(set(f["labels"]) == {-100} for f in bare) and bare[0]["src_labels"] == features[0]["src_labels"]
+    # A sentence longer than the window keeps its first window on each side, one feature per pair.
+    assert len(task.featurize([p.target for p in tagged], tiny_tokenizer, 12)) > 4
+    cut = featurize_pairs(task, tagged, tiny_tokenizer, 12)
+    assert len(cut) == 4 and all(len(f["input_ids"]) <= 12 and len(f["src_input_ids"]) <= 12 for f in cut)
+    assert [f["labels"] for f in cut] == [f["labels"] for f in task.featurize([p.target for p in tagged],
+                                                                              tiny_tokenizer, 12)
+                                          if f["word_indices"][:1] == [0]]
+
+    torch.manual_seed(0)
+    model = XMixupModel(DLFAModel.from_encoder(DLFAConfig(head="token", num_labels=len(task.labels)),
+                                               str(tiny_model_dir)), XMixupConfig(layers=[4]))
+    collator = ParallelCollator(tiny_tokenizer, "token")
+
+    def loss_and_grad(feats):
+        batch = collator(feats)
+        out = model(**batch, mix=True)
+        assert torch.equal(out.logits, out.target_logits)  # unaligned tokens: a pair's prediction is the target's
+        losses = xmixup_objective(out, batch["labels"], batch["src_labels"], "token", alpha=0.8)
+        grad = torch.autograd.grad(losses.total, out.target_logits, retain_graph=True, allow_unused=True)[0]
+        return losses, grad
+
+    losses, grad = loss_and_grad(bare)
+    assert losses.target_task is None and losses.kl.item() == 0.0
+    assert losses.total.item() == pytest.approx(losses.source_task.item() + losses.mse.item(), rel=1e-6)
+    assert grad is None or grad.abs().max().item() == 0.0  # the target's logits take no part in the loss
+    labelled, grad = loss_and_grad(features)
+    assert labelled.target_task is not None and grad.abs().sum().item() > 0
+    assert labelled.task.item() == pytest.approx(0.8 * labelled.source_task.item()
+                                                 + 0.2 * labelled.target_task.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("target_tags,fuse_layer", [(True, None), (False, None), (False, "2")])
+def test_tagging_end_to_end(tiny_model_dir, tiny_udpos_dir, tmp_path, target_tags, fuse_layer):
+    parallel = _tagging_file(tmp_path / "en-de.tsv", target_tags)
+    out = tmp_path / "run"
+    args = ["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
+            str(tiny_udpos_dir), "--output", str(out), "--xmixup-parallel", f"de={parallel}", "--languages", "de",
+            "--epochs", "1", "--batch-size", "4", "--learning-rate", "1e-3", "--seed", "3"]
+    assert main([*args, *(["--fuse-layer", fuse_layer] if fuse_layer else [])]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "xmixup" and metrics["fuse_layer"] == (int(fuse_layer) if fuse_layer else None)
+    record = metrics["xmixup"]
+    assert record["layers"] == [4] and record["alpha"] == 0.8  # the authors' tagging settings
+    assert record["pairs"]["de"] == {"read": 9, "selection": 0, "not_in_training_examples": 0, "evaluation": 1,
+                                     "kept": 8, "labelled_targets": 8 if target_tags else 0}
+    (selection,) = metrics["selection"]["history"]  # 8 pairs / 4 per batch: one epoch, one selection
+    assert selection["step"] == 2 and (selection["xmixup"]["target_task"] is not None) == target_tags
+    assert selection["xmixup"]["kl"] == 0.0 and selection["xmixup"]["mse"] > 0
+    assert "f1" in metrics["languages"]["de"] and (out / "best" / "xmixup.safetensors").is_file()
+
+
+def test_tagging_bad_parallel_file_is_one_line_before_anything_is_written(tiny_model_dir, tiny_udpos_dir, tmp_path,
+                                                                          capsys):
+    bad = _write(tmp_path / "bad.tsv", [TAGGED[0], ("a cat", "DET", "eine Katze", "DET NOUN")])
+    out = tmp_path / "run"
+    assert main(["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
+                 str(tiny_udpos_dir), "--output", str(out), "--xmixup-parallel", f"de={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dlfa: error: {bad}:2: 1 source tags for 2 source tokens\n" and not out.exists()

@@ -1,6 +1,7 @@
-"""Parallel (translate-train) sentence pairs for X-Mixup: an English example and its translation, one label.
+"""Parallel (translate-train) data for X-Mixup: an English example and its translation.
 
-Three input forms, all tab-separated, UTF-8, blank lines skipped:
+Sentence-pair tasks (XNLI, PAWS-X): the pair shares one label. Three input forms, all tab-separated, UTF-8, blank
+lines skipped:
 
 * **Parallel TSV** (XTREME's XNLI translate-train files ``en-<lang>-translated.tsv`` and the plain form dlfa
   documents for PAWS-X and any other pair task)::
@@ -16,6 +17,17 @@ Three input forms, all tab-separated, UTF-8, blank lines skipped:
   ``en/train.tsv`` with ``<lang>/translated_train.tsv``): rows are paired by ``id``; English rows without a
   translation are left out, a translation without an English row is an error.
 
+Tagging tasks (UD-POS, PAN-X): a **parallel tagging TSV**, one sentence pair per line, tokens and tags separated by
+spaces::
+
+    source tokens <TAB> source tags <TAB> target tokens [<TAB> target tags]
+
+The source (English) side is tagged; the target tags (labels projected onto the translation) are optional per
+file: every row has them or none does. A target without tags has no labels (X-Mixup then trains it through the
+source loss and the consistency term only). Tags come from the task's label set (UPOS, IOB2 PER/ORG/LOC); a
+side's tag count must equal its token count. There is no line-by-line pairing of tagging files: the treebanks and
+WikiANN files of different languages are not translations of each other.
+
 Every problem is a :class:`dlfa.errors.DlfaInputError` naming the file and line.
 """
 
@@ -26,27 +38,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dlfa.data.features import TaggedSentence
 from dlfa.errors import DlfaInputError
+from dlfa.tasks import get_task
 from dlfa.tasks.base import SentencePair, check_label, read_tsv_rows
 
 PARALLEL_COLUMNS = 5
 HEADER_LABELS = ("label", "gold_label")
 RELEASE_HEADER = ["id", "sentence1", "sentence2", "label"]
+TAGGING_COLUMNS = "source tokens, source tags, target tokens[, target tags]"
 _TRANSLATED_NAME = re.compile(r"(?:en-)?(?P<lang>[a-z]{2,3})-translated\.tsv")
 
 
 @dataclass(frozen=True)
 class ParallelPair:
-    """An English (source) example, its translation (target) and where the pair came from."""
+    """An English (source) example, its translation (target) and where the pair came from.
 
-    source: SentencePair
-    target: SentencePair
+    Tagging pairs hold :class:`TaggedSentence` sides; a target with empty ``tags`` has no labels.
+    """
+
+    source: SentencePair | TaggedSentence
+    target: SentencePair | TaggedSentence
     language: str  # the target language ("" when unknown)
     origin: str  # "path:line" of the target side, for messages
 
+    @property
+    def target_labelled(self) -> bool:
+        return not isinstance(self.target, TaggedSentence) or bool(self.target.tags)
+
 
 def task_labels(task_name: str) -> tuple[tuple[str, ...], Mapping[str, str] | None]:
-    """The label set and label aliases of a sentence-pair task (xnli, pawsx)."""
+    """The label set and label aliases of a task with a parallel-data reader (xnli, pawsx, udpos, panx)."""
     if task_name == "xnli":
         from dlfa.tasks.xnli import LABEL_ALIASES, NLI_LABELS
 
@@ -55,7 +77,15 @@ def task_labels(task_name: str) -> tuple[tuple[str, ...], Mapping[str, str] | No
         from dlfa.tasks.pawsx import PAWSX_LABELS
 
         return PAWSX_LABELS, None
-    raise DlfaInputError(f"no parallel-data reader for task {task_name!r} (X-Mixup pairs: xnli, pawsx)",
+    if task_name == "udpos":
+        from dlfa.tasks.udpos import UPOS_TAGS
+
+        return UPOS_TAGS, None
+    if task_name == "panx":
+        from dlfa.tasks.panx import NER_TAGS
+
+        return NER_TAGS, None
+    raise DlfaInputError(f"no parallel-data reader for task {task_name!r} (X-Mixup: xnli, pawsx, udpos, panx)",
                          option="--task")
 
 
@@ -94,9 +124,49 @@ def read_parallel_tsv(
     return pairs
 
 
+def _tokens(field: str, side: str, path: str | Path, line: int) -> list[str]:
+    tokens = field.split()
+    if not tokens:
+        raise DlfaInputError(f"no {side} tokens", path=path, line=line)
+    return tokens
+
+
+def _tags(field: str, tokens: list[str], side: str, labels: Sequence[str], path: str | Path, line: int) -> list[str]:
+    tags = [check_label(tag, labels, path, line) for tag in field.split()]
+    if len(tags) != len(tokens):
+        raise DlfaInputError(f"{len(tags)} {side} tags for {len(tokens)} {side} tokens", path=path, line=line)
+    return tags
+
+
+def read_parallel_tagging(path: str | Path, labels: Sequence[str], language: str | None = None) -> list[ParallelPair]:
+    """Pairs of a parallel tagging TSV (source tokens, source tags, target tokens[, target tags])."""
+    language = language_from_name(path) if language is None else language
+    pairs: list[ParallelPair] = []
+    columns: int | None = None  # the file's form, fixed by its first row: with target tags (4) or without (3)
+    for number, fields in read_tsv_rows(path):
+        if len(fields) not in (3, 4):
+            raise DlfaInputError(f"expected 3 or 4 tab-separated columns ({TAGGING_COLUMNS}), found {len(fields)}",
+                                 path=path, line=number)
+        if columns is None:
+            columns = len(fields)
+        elif len(fields) != columns:
+            raise DlfaInputError(f"{len(fields)} columns where the first row has {columns}: target tags are given "
+                                 "for every row of a file or for none", path=path, line=number)
+        source_tokens = _tokens(fields[0], "source", path, number)
+        source = TaggedSentence(source_tokens, _tags(fields[1], source_tokens, "source", labels, path, number))
+        target_tokens = _tokens(fields[2], "target", path, number)
+        target_tags = _tags(fields[3], target_tokens, "target", labels, path, number) if columns == 4 else []
+        pairs.append(ParallelPair(source, TaggedSentence(target_tokens, target_tags), language, f"{path}:{number}"))
+    if not pairs:
+        raise DlfaInputError("no sentence pairs in the file", path=path)
+    return pairs
+
+
 def read_translate_train(path: str | Path, task_name: str, language: str | None = None) -> list[ParallelPair]:
-    """XTREME's translate-train file of XNLI or PAWS-X (the 5-column parallel form)."""
+    """A task's parallel file: the 5-column pair form (xnli, pawsx; XTREME's translate-train) or the tagging form."""
     labels, aliases = task_labels(task_name)
+    if get_task(task_name).head == "token":
+        return read_parallel_tagging(path, labels, language)
     return read_parallel_tsv(path, labels, aliases, language)
 
 

@@ -205,7 +205,7 @@ class CrossAttentionMixer(nn.Module):
 
 @dataclass
 class XMixupOutput:
-    logits: torch.Tensor  # (source + target) / 2: the prediction for a pair
+    logits: torch.Tensor  # the prediction for a pair: (source + target) / 2; tagging: the target's (not aligned)
     source_logits: torch.Tensor
     target_logits: torch.Tensor
     source_features: torch.Tensor  # what the head read, (B, T, H)
@@ -312,8 +312,10 @@ class XMixupModel(nn.Module):
             stats = self._stats
         finally:
             self._captured, self._masks, self._stats = {}, {}, {}
+        # A tagging pair's tokens are not aligned (nor equally many), so its logits cannot be averaged.
+        logits = (source_logits + target_logits) / 2 if self.model.config.head == "sequence" else target_logits
         return XMixupOutput(
-            logits=(source_logits + target_logits) / 2, source_logits=source_logits, target_logits=target_logits,
+            logits=logits, source_logits=source_logits, target_logits=target_logits,
             source_features=source_features, target_features=target_features,
             source_attention_mask=src_attention_mask, target_attention_mask=attention_mask, mixed=mix, stats=stats,
         )

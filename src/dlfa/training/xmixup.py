@@ -1,9 +1,10 @@
 """X-Mixup training: the objective, scheduled sampling, parallel-pair data, and ``XMixupRecipe``.
 
 ``XMixupRecipe`` is :class:`FinetuneRecipe` with three things replaced: the training data (parallel pairs:
-an English example and its translation, same label), the model (a :class:`XMixupModel` around the usual
-DLFAModel, so ``--fuse-layer`` composes) and the loss of a training batch. Checkpoint selection on English dev,
-the zero-shot evaluation of ``best/`` on the target languages, checkpoints and ``--resume`` are the recipe's own.
+an English example and its translation, same label; for tagging, a tagged English sentence and its translation,
+tagged or not), the model (a :class:`XMixupModel` around the usual DLFAModel, so ``--fuse-layer`` composes)
+and the loss of a training batch. Checkpoint selection on English dev, the zero-shot evaluation of ``best/`` on
+the target languages, checkpoints and ``--resume`` are the recipe's own.
 
 **Objective** (per batch, as in the authors' ``XMixupForSequenceClassification``)::
 
@@ -45,13 +46,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dlfa.data.batching import Collator, sorted_batches
+from dlfa.data.batching import MODEL_KEYS, Collator, sorted_batches
 from dlfa.data.cache import cache_key
+from dlfa.data.features import IGNORE_INDEX, TaggedSentence
 from dlfa.data.parallel import (
+    TAGGING_COLUMNS,
     ParallelPair,
     language_from_name,
     pair_parallel_files,
-    read_parallel_tsv,
+    read_translate_train,
     task_labels,
 )
 from dlfa.errors import DlfaInputError
@@ -197,13 +200,37 @@ class ParallelCollator:
         return {**target, **{SOURCE_PREFIX + k: v for k, v in source.items()}}
 
 
+def _first_windows(features: list[dict]) -> tuple[list[dict], int]:
+    """The first window of each sentence (tagging features of a sentence are consecutive) and how many were cut."""
+    first = [f for i, f in enumerate(features) if i == 0 or f["sentence_index"] != features[i - 1]["sentence_index"]]
+    return first, len(features) - len(first)
+
+
 def featurize_pairs(task, pairs: Sequence[ParallelPair], tokenizer, max_length: int) -> list[dict]:
-    """One feature per pair: the target's model keys plus the source's, prefixed ``src_``."""
+    """One feature per pair: the target's model keys plus the source's, prefixed ``src_``.
+
+    Tagging sides go through the task's own featurization (label on the first sub-token that carries characters).
+    A target without tags is featurized with placeholder tags whose labels are then all ignored. The two sides of a
+    pair are not aligned, so a sentence longer than ``max_length`` sub-tokens is cut to its first window (as the
+    authors' 128-token truncation) instead of being split into windows that would have no partner.
+    """
     sources = task.featurize([p.source for p in pairs], tokenizer, max_length)
-    targets = task.featurize([p.target for p in pairs], tokenizer, max_length)
+    targets = task.featurize([p.target if p.target_labelled else
+                              TaggedSentence(p.target.words, [task.labels[0]] * len(p.target.words)) for p in pairs],
+                             tokenizer, max_length)
+    if task.head == "token":
+        (sources, cut_sources), (targets, cut_targets) = _first_windows(sources), _first_windows(targets)
+        if cut_sources or cut_targets:
+            logger.info("X-Mixup: %d source and %d target windows beyond --max-length %d left out", cut_sources,
+                        cut_targets, max_length)
+        for pair, target in zip(pairs, targets, strict=True):
+            if not pair.target_labelled:
+                target["labels"] = [IGNORE_INDEX] * len(target["labels"])
     if len(sources) != len(targets):
         raise ValueError("source and target featurize to different numbers of features")
-    return [{**t, **{SOURCE_PREFIX + k: v for k, v in s.items()}} for s, t in zip(sources, targets, strict=True)]
+    # Only the model inputs: bookkeeping keys (sentence_index...) mean nothing for a pair.
+    return [{**{k: t[k] for k in MODEL_KEYS if k in t}, **{SOURCE_PREFIX + k: s[k] for k in MODEL_KEYS if k in s}}
+            for s, t in zip(sources, targets, strict=True)]
 
 
 def parse_parallel_spec(spec: str) -> tuple[str, str | None]:
@@ -241,8 +268,18 @@ def predict_with_translation(model: XMixupModel, features: Sequence[dict], colla
 # -- the recipe ------------------------------------------------------------------------------------------------
 
 
-def _key(example) -> tuple[str, str]:
+def _key(example) -> tuple[str, ...]:
+    """What identifies an example's text: the two texts of a sentence pair, the words of a tagged sentence."""
+    if isinstance(example, TaggedSentence):
+        return tuple(example.words)
     return example.text_a, example.text_b
+
+
+def _content(pair: ParallelPair) -> list:
+    """Everything of a pair that its features depend on (for the feature-cache key)."""
+    if isinstance(pair.source, TaggedSentence):
+        return [pair.source.words, pair.source.tags, pair.target.words, pair.target.tags]
+    return [pair.source.text_a, pair.source.text_b, pair.target.text_a, pair.target.text_b, pair.source.label]
 
 
 class XMixupRecipe(FinetuneRecipe):
@@ -259,10 +296,6 @@ class XMixupRecipe(FinetuneRecipe):
 
     def _read_train_and_dev(self) -> tuple[list, list]:
         cfg = self.config
-        if self.task.head != "sequence":
-            raise DlfaInputError(
-                f"X-Mixup training in dlfa covers the sentence-pair tasks (xnli, pawsx); {cfg.task} would need "
-                "parallel sentences with projected labels, which dlfa has no reader for yet", option="--method")
         validate_xmixup_layers(cfg.xmixup_layers, self.num_layers)
         train, dev = super()._read_train_and_dev()
         self.pairs, self.pair_summary, self.pair_files = self._read_pairs(train, dev)
@@ -274,7 +307,7 @@ class XMixupRecipe(FinetuneRecipe):
         labels, aliases = task_labels(task.name)
         selection = {_key(e) for e in dev}
         training = {_key(e) for e in train}
-        evaluated: set[tuple[str, str]] = set()
+        evaluated: set[tuple[str, ...]] = set()
         eval_files: set[Path] = set()
         for lang in self.languages:
             evaluated.update(_key(e) for e in task.read(cfg.data_dir, lang, task.eval_split))
@@ -285,6 +318,11 @@ class XMixupRecipe(FinetuneRecipe):
         leaky = set(self.leaky_languages)
         for spec in cfg.xmixup_parallel:
             language, path = parse_parallel_spec(spec)
+            if path is None and task.head == "token":
+                raise DlfaInputError(
+                    f"{spec!r}: {task.name} files of different languages are not translations of each other, so "
+                    f"they cannot be paired line by line; give a parallel tagging file {spec}=FILE "
+                    f"({TAGGING_COLUMNS})", option="--xmixup-parallel")
             if path is None:
                 source_file, target_file = self._line_parallel_files(language)
                 read = pair_parallel_files(source_file, target_file, labels, aliases, language)
@@ -300,7 +338,7 @@ class XMixupRecipe(FinetuneRecipe):
                                          path=file)
                 if file.resolve() in eval_files:
                     raise DlfaInputError("is an evaluation file; X-Mixup cannot train on it", path=file)
-                read = read_parallel_tsv(file, labels, aliases, language)
+                read = read_translate_train(file, task.name, language)
                 files.append(file)
                 same_english_file = False
             kept, counts = [], {"read": len(read), "selection": 0, "not_in_training_examples": 0, "evaluation": 0}
@@ -319,6 +357,8 @@ class XMixupRecipe(FinetuneRecipe):
                 raise DlfaInputError(f"no X-Mixup training pairs left from {spec!r} (after removing selection and "
                                      f"evaluation examples: {counts})", option="--xmixup-parallel")
             counts["kept"] = len(kept)
+            if task.head == "token":
+                counts["labelled_targets"] = sum(p.target_labelled for p in kept)
             name = language or spec
             if name in summary:
                 raise DlfaInputError(f"{name!r} given twice", option="--xmixup-parallel")
@@ -349,9 +389,8 @@ class XMixupRecipe(FinetuneRecipe):
 
     def _build_train_features(self, train_examples: list, holdout: str) -> list[dict]:
         cfg = self.config
-        content = hashlib.sha256(json.dumps(
-            [[p.source.text_a, p.source.text_b, p.target.text_a, p.target.text_b, p.source.label] for p in self.pairs],
-            ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+        content = hashlib.sha256(json.dumps([_content(p) for p in self.pairs],
+                                            ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
         key = cache_key(self.tokenizer, self.task.name, f"xmixup:{cfg.train_split}", ",".join(self.pair_summary),
                         cfg.max_length, self.pair_files, f"xmixup:{holdout}:{content}")
         features = self.feature_cache.get_or_build(
