@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dlfa.cli.main import main
+from dlfa.reporting.report import Report, collect_runs
 from dlfa.training.sweep import SweepConfig, cell_dir, plan_cells, run_sweep
 
 
@@ -75,3 +76,48 @@ def test_ray_sweep_on_a_local_ray_instance(tiny_model_dir, tiny_udpos_dir, tmp_p
     local = run_sweep(_sweep(tiny_model_dir, tiny_udpos_dir, tmp_path / "local", seeds=[1]))
     # The same cells give the same scores whether Ray or this process ran them.
     assert [r["score"] for r in results] == pytest.approx([r["score"] for r in local])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and two threads on a busy 2-core machine are much slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_xmixup_sweep_rows_sit_next_to_finetuning_rows_in_the_report(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
+    parallel = tmp_path / "en-de.tsv"
+    parallel.write_text("a cat sat\tDET NOUN VERB\teine Katze sass\n"
+                        "the dog is on the mat\tDET NOUN AUX ADP DET NOUN\tder Hund ist auf der Matte\n"
+                        "a mat\tDET NOUN\teine Matte\n"
+                        "the cat is a cat\tDET NOUN AUX DET NOUN\tdie Katze ist eine Katze\n", encoding="utf-8")
+    out = tmp_path / "sweep"
+    common = ["sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir), "--model", str(tiny_model_dir),
+              "--layers", "2", "--seeds", "1", "--epochs", "1", "--batch-size", "4", "--languages", "de",
+              "--output", str(out)]
+    xmixup = [*common, "--method", "xmixup", "--xmixup-parallel", f"de={parallel}"]
+    # Mixing blocks that do not fit the encoder stop the sweep before any cell runs.
+    assert main([*xmixup, "--xmixup-layers", "5"]) == 2
+    assert "option --xmixup-layers: mixing blocks must be integers in 1..4" in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main(xmixup) == 0 and main(common) == 0
+    rows = out / "udpos" / tiny_model_dir.name
+    assert sorted(p.name for p in rows.iterdir() if p.is_dir()) == ["D_2", "baseline", "xmixup", "xmixup+D_2"]
+    assert cell_dir(out, "udpos", str(tiny_model_dir), 2, 1, "xmixup") == rows / "xmixup+D_2" / "seed-1"
+    for row, method, fuse_layer in (("xmixup", "xmixup", None), ("xmixup+D_2", "xmixup", 2), ("D_2", "dlfa", 2)):
+        metrics = json.loads((rows / row / "seed-1" / "metrics.json").read_text())
+        assert (metrics["method"], metrics["fuse_layer"]) == (method, fuse_layer), row
+    capsys.readouterr()
+    assert main(xmixup) == 0 and capsys.readouterr().out.split().count("finished") == 2  # a second run skips
+
+    # dlfa report: X-Mixup rows are model rows of Table 1 beside baseline and D_2, mean over the seeds.
+    table, records = Report(collect_runs([out]).runs).table1()
+    assert [row[1] for row in table.rows] == ["baseline", "D_2", "xmixup", "xmixup+D_2"]
+    assert all(row[2].endswith("(n=1)") for row in table.rows)
+    assert [(r["row"], r["n"]) for r in records] == [("baseline", 1), ("D_2", 1), ("xmixup", 1), ("xmixup+D_2", 1)]

@@ -62,10 +62,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-embeddings", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", default=None)
     p.add_argument("--method", choices=["finetune", "xmixup"],
-                   help="finetune (default: English fine-tuning) or xmixup (X-Mixup on parallel pairs, docs/xmixup.md)")
+                   help="finetune (default: English fine-tuning) or xmixup (X-Mixup on parallel pairs, "
+                        "docs/xmixup.md; sweep rows xmixup, xmixup+D_x)")
     p.add_argument("--xmixup-parallel", type=_languages,
                    help="X-Mixup pairs: target languages paired line by line with the English training file "
-                        "(e.g. de,fr), and/or parallel TSV files (LANG=FILE or FILE)")
+                        "(xnli, pawsx; e.g. de,fr), and/or parallel TSV files (LANG=FILE or FILE; udpos, panx: "
+                        "source tokens, source tags, target tokens[, target tags])")
     p.add_argument("--xmixup-layers", type=_ints, help="mixing blocks 1..N, e.g. 1 or 3-4 (default: 1; tagging 4)")
     p.add_argument("--xmixup-alpha", type=float, help="source task-loss weight (default 0.4; tagging 0.8)")
     p.add_argument("--xmixup-schedule", choices=["inverse_sigmoid", "linear", "constant"],
@@ -109,7 +111,8 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=_languages, required=True, help="comma-separated tasks, e.g. udpos,panx")
     p.add_argument("--data-dir", help="the task's data folder (one task)")
     p.add_argument("--data-root", help="folder with one subfolder per task (udpos/, panx/, xnli/, pawsx/)")
-    p.add_argument("--output", required=True, help="sweep folder; cells are <task>/<model>/<row>/seed-<s>")
+    p.add_argument("--output", required=True,
+                   help="sweep folder; cells are <task>/<model>/<row>/seed-<s>, row baseline, D_x, xmixup or xmixup+D_x")
     p.add_argument("--layers", type=_ints, help="fused layers, e.g. 4,8,11 or 1-11 (default: all 1..N-1)")
     p.add_argument("--seeds", type=_ints, default=[1, 2, 3], help="default 1,2,3")
     p.add_argument("--no-baseline", action="store_true", help="leave out the baseline row")
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo output")
 
-    sweep = sub.add_parser("sweep", help="tasks x {baseline, D_1..D_(N-1)} x seeds, resumable, local or on Ray")
+    sweep = sub.add_parser("sweep", help="tasks x {baseline, D_1..D_(N-1)} x seeds (with --method xmixup: xmixup, "
+                                         "xmixup+D_x), resumable, local or on Ray")
     _add_sweep_options(sweep)
 
     from dlfa.cli import report_cli  # `report` and `analyze`; imports nothing heavy
@@ -169,17 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from dlfa.training.config import TrainConfig
-    from dlfa.training.recipe import FinetuneRecipe
+    from dlfa.training.recipe import recipe_class
 
     base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("command", "config", "overwrite", "resume")}
     config = TrainConfig.from_dict({**base, **given})
-    if config.method == "xmixup":
-        from dlfa.training.xmixup import XMixupRecipe as recipe_class
-    else:
-        recipe_class = FinetuneRecipe
-    result = recipe_class(config, overwrite=args.overwrite, resume=args.resume).run()
+    result = recipe_class(config.method)(config, overwrite=args.overwrite, resume=args.resume).run()
     _print_run_summary(result)
     return 0
 

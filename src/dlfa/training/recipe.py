@@ -467,6 +467,15 @@ class FinetuneRecipe:
             self.cleanup()
 
 
+def recipe_class(method: str) -> type[FinetuneRecipe]:
+    """The recipe that runs a TrainConfig.method (`dlfa train` and every sweep cell pick it here)."""
+    if method == "xmixup":
+        from dlfa.training.xmixup import XMixupRecipe
+
+        return XMixupRecipe
+    return FinetuneRecipe
+
+
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]

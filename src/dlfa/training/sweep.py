@@ -1,10 +1,12 @@
 """``dlfa sweep``: the grid of the paper's Table 1, tasks x {baseline, D_1 .. D_(N-1)} x seeds.
 
-Every cell is an ordinary run folder, ``<output>/<task>/<model>/<baseline|D_x>/seed-<s>``, so anything that
-reads runs (``dlfa report``) reads a sweep. A sweep is resumable and safe to run twice at once:
+Every cell is an ordinary run folder, ``<output>/<task>/<model>/<row>/seed-<s>``, so anything that reads runs
+(``dlfa report``) reads a sweep. The row is ``baseline`` / ``D_x`` for fine-tuning and ``xmixup`` /
+``xmixup+D_x`` with ``--method xmixup`` (each cell then runs ``XMixupRecipe``): the names ``dlfa report`` gives
+the rows. A sweep is resumable and safe to run twice at once:
 
 * a finished cell (``metrics.json`` present) is skipped;
-* a cell killed midway continues from its last checkpoint (``FinetuneRecipe(resume=True)``);
+* a cell killed midway continues from its last checkpoint (``resume=True`` of the method's recipe);
 * each cell is run under an exclusive ``flock`` on ``<cell>.lock``, taken without waiting: a second sweep
   process (or Ray worker) pointed at the same folder skips a cell that is in progress. The kernel drops the
   lock when its holder dies, so a kill -9 never leaves a cell blocked.
@@ -53,9 +55,16 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.rstrip("/").split("/")[-1] if "/" in model else model)
 
 
-def cell_dir(output: str | Path, task: str, model: str, fuse_layer: int | None, seed: int) -> Path:
-    row = "baseline" if fuse_layer is None else f"D_{fuse_layer}"
-    return Path(output) / task / model_slug(model) / row / f"seed-{seed}"
+def row_name(method: str, fuse_layer: int | None) -> str:
+    """``baseline`` / ``D_x`` for fine-tuning, ``<method>`` / ``<method>+D_x`` otherwise: the report's row label."""
+    from dlfa.reporting.report import Row
+
+    return Row("" if method == "finetune" else method, fuse_layer).label
+
+
+def cell_dir(output: str | Path, task: str, model: str, fuse_layer: int | None, seed: int,
+             method: str = "finetune") -> Path:
+    return Path(output) / task / model_slug(model) / row_name(method, fuse_layer) / f"seed-{seed}"
 
 
 def plan_cells(sweep: SweepConfig) -> list[TrainConfig]:
@@ -63,8 +72,10 @@ def plan_cells(sweep: SweepConfig) -> list[TrainConfig]:
     from transformers import AutoConfig
 
     from dlfa.modeling.modeling_dlfa import encoder_num_layers, validate_fuse_layer
+    from dlfa.modeling.modeling_xmixup import validate_xmixup_layers
     from dlfa.tasks import get_task
     from dlfa.training.recipe import resolve_model
+    from dlfa.training.xmixup import resolve_xmixup_defaults
 
     num_layers = encoder_num_layers(AutoConfig.from_pretrained(resolve_model(sweep.model)))
     layers = sweep.layers if sweep.layers is not None else list(range(1, num_layers))
@@ -73,23 +84,26 @@ def plan_cells(sweep: SweepConfig) -> list[TrainConfig]:
     rows: list[int | None] = ([None] if sweep.include_baseline else []) + list(layers)
     if not rows:
         raise DlfaInputError("the sweep has no rows (no layers and no baseline)", option="--layers")
+    method = sweep.train_overrides.get("method") or "finetune"
     cells = []
     for task in sweep.tasks:
-        get_task(task)
+        head = get_task(task).head
         if task not in sweep.data_dirs:
             raise DlfaInputError(f"no data folder for task {task!r}", option="--data-dir")
         for fuse_layer in rows:
             for seed in sweep.seeds:
                 fields = {**sweep.train_overrides, "task": task, "model": sweep.model,
                           "data_dir": sweep.data_dirs[task], "fuse_layer": fuse_layer, "seed": seed,
-                          "output_dir": str(cell_dir(sweep.output_dir, task, sweep.model, fuse_layer, seed))}
+                          "output_dir": str(cell_dir(sweep.output_dir, task, sweep.model, fuse_layer, seed, method))}
                 cells.append(TrainConfig.from_dict(fields))
+                if method == "xmixup":  # the mixing blocks (given or the task's default) must fit the encoder
+                    validate_xmixup_layers(resolve_xmixup_defaults(cells[-1], head).xmixup_layers, num_layers)
     return cells
 
 
 def run_cell(config: dict[str, Any], show_progress: bool = False, torch_threads: int | None = None) -> dict[str, Any]:
     """Run (or resume, or skip) one cell under its lock. Returns a status record."""
-    from dlfa.training.recipe import FinetuneRecipe
+    from dlfa.training.recipe import recipe_class
 
     if torch_threads:
         import torch
@@ -104,7 +118,7 @@ def run_cell(config: dict[str, Any], show_progress: bool = False, torch_threads:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return {"run_dir": str(run_dir), "status": "busy"}
-        recipe = FinetuneRecipe(cfg, show_progress=show_progress, resume=True)
+        recipe = recipe_class(cfg.method)(cfg, show_progress=show_progress, resume=True)
         if recipe.finished_result() is not None:
             return {"run_dir": str(run_dir), "status": "finished before"}
         resumed = (run_dir / "checkpoint" / "state.json").is_file()
