@@ -6,8 +6,10 @@ A checkpoint folder holds:
 * ``optimizer.safetensors``: every per-parameter optimizer tensor (AdamW's moments and step counts), named
   ``<param index>.<state key>``;
 * ``rng.safetensors``: the torch CPU (and CUDA) generator states and the training sampler's generator state;
-* ``state.json``: optimizer hyperparameters, the scheduler's state, Python's and NumPy's RNG states and the
-  loop position (step, epoch, batches consumed in the epoch, selection history).
+* ``state.json``: optimizer hyperparameters (and the names of its tensors), the scheduler's state, Python's and
+  NumPy's RNG states and the loop position (step, epoch, batches consumed in the epoch, selection history);
+* ``checksums.json``, written last: the sha256 of each file above. safetensors checks a file's header, not its
+  tensor data, so a flipped bit would otherwise be loaded silently; every file is verified before anything is used.
 
 The folder is written to a temporary name and renamed into place, so a kill at any moment leaves either the
 previous checkpoint or the new one, never a mixture.
@@ -26,10 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dlfa.errors import DlfaInputError
-from dlfa.io import atomic_path
+from dlfa.io import CHECKSUMS_NAME, atomic_path, read_checksums, sha256_file, write_checksums
 
 STATE_FILE = "state.json"
+CHECKSUMS_FILE = CHECKSUMS_NAME
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", STATE_FILE)
+"""The files whose sha256 ``checksums.json`` records (itself not included)."""
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -42,13 +46,28 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
                 tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    # The names are recorded so that a renamed tensor cannot restore its state onto another parameter.
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "tensors": sorted(tensors)}
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    expected = meta["tensors"]
+    if not isinstance(expected, list) or not all(isinstance(name, str) for name in expected):
+        raise ValueError(f"{STATE_FILE}'s optimizer tensor names are not a list of names")
+    if set(tensors) != set(expected):
+        unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        raise ValueError(f"optimizer.safetensors does not hold the recorded tensors (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        index, key = name.split(".", 1)
+        index, _, key = name.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or not key:
+            raise ValueError(f"optimizer tensor {name!r} names no parameter of the model")
+        shape = params[int(index)].shape
+        # Per-parameter state (moments) has the parameter's shape; only AdamW's step count is a scalar.
+        if value.shape != shape and not (key == "step" and value.dim() == 0):
+            raise ValueError(f"optimizer tensor {name!r} has shape {list(value.shape)}, its parameter {list(shape)}")
         state.setdefault(int(index), {})[key] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
@@ -84,6 +103,26 @@ def save_checkpoint(
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        write_checksums(tmp, FILES)  # last: it vouches for the files above
+
+
+def _verify_checksums(folder: Path) -> None:
+    """Compare every file with its sha256 in checksums.json; ValueError naming the first that differs."""
+    digests = read_checksums(folder / CHECKSUMS_FILE)
+    if set(digests) != set(FILES):
+        raise ValueError(f"{CHECKSUMS_FILE} does not list exactly {', '.join(FILES)}")
+    for name in FILES:
+        if sha256_file(folder / name) != digests[name]:
+            raise ValueError(f"{name} does not match its sha256 in {CHECKSUMS_FILE}")
+
+
+def _require(mapping: Any, key: str, where: str) -> Any:
+    """``mapping[key]``, or a ValueError saying what is missing (a bare KeyError message is just the key)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    if key not in mapping:
+        raise ValueError(f"{where} has no {key!r}")
+    return mapping[key]
 
 
 def load_checkpoint(
@@ -93,31 +132,50 @@ def load_checkpoint(
     scheduler: Any,
     sampler_generator: torch.Generator | None,
 ) -> dict[str, Any]:
-    """Restore everything saved by :func:`save_checkpoint`; return the loop position."""
+    """Restore everything saved by :func:`save_checkpoint`; return the loop position.
+
+    Every file is checked against checksums.json first, and every read of the saved state happens inside one
+    ``try``: a damaged checkpoint is one clear :class:`DlfaInputError` naming the folder and the problem.
+    """
     folder = Path(folder)
-    for name in FILES:
+    for name in (*FILES, CHECKSUMS_FILE):
         if not (folder / name).is_file():
             raise DlfaInputError(f"incomplete checkpoint ({name} missing)", path=folder)
     try:
+        _verify_checksums(folder)
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        progress = _require(state, "progress", STATE_FILE)
+        if not isinstance(progress, dict):
+            raise ValueError(f"{STATE_FILE}'s 'progress' is not a JSON object")
+        scheduler_state = _require(state, "scheduler", STATE_FILE)
+        python_random = _tuples(_require(state, "python_random", STATE_FILE))
+        np_state = _require(state, "numpy_random", STATE_FILE)
+        np_state = (np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:])
         missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not match the model ({len(missing)} missing, {len(unexpected)} unexpected)")
-        _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+        _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")),
+                           _require(state, "optimizer", STATE_FILE))
         rng = load_file(str(folder / "rng.safetensors"))
-    except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
-        raise DlfaInputError(f"corrupt checkpoint ({str(exc).splitlines()[0]})", path=folder) from None
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    if sampler_generator is not None and "sampler" in rng:
-        sampler_generator.set_state(rng["sampler"])
-    random.setstate(_tuples(state["python_random"]))
-    np_state = state["numpy_random"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    return state["progress"]
+        torch_cpu = _require(rng, "torch_cpu", "rng.safetensors")
+        # A sampler that silently kept its fresh state would replay other batches than the interrupted run.
+        sampler_state = None if sampler_generator is None else _require(rng, "sampler", "rng.safetensors")
+        scheduler.load_state_dict(scheduler_state)
+        torch.set_rng_state(torch_cpu)
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        if sampler_generator is not None:
+            sampler_generator.set_state(sampler_state)
+        random.setstate(python_random)
+        np.random.set_state(np_state)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+            RuntimeError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        # A KeyError's text is just the key; any other message is kept to its first line.
+        message = f"missing key {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else (
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise DlfaInputError(f"corrupt checkpoint ({message})", path=folder) from None
+    return progress
 
 
 def _jsonable(value: Any) -> Any:
