@@ -288,6 +288,21 @@ def test_other_encoders(kind):
     assert torch.allclose(plain.target_logits, model(ids, torch.ones_like(ids)).logits, atol=1e-6)
 
 
+def test_saved_mixer_weights_are_checksummed(tiny_xmixup, tmp_path):
+    """A flipped bit in xmixup.safetensors' tensor data (safetensors checks only the header) is caught."""
+    from dlfa.io import read_checksums
+
+    tiny_xmixup.save_pretrained(tmp_path / "m")
+    assert set(read_checksums(tmp_path / "m" / "checksums.json")) == {"model.safetensors", "xmixup.safetensors"}
+    weights = tmp_path / "m" / "xmixup.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DlfaInputError, match="does not match its sha256") as info:
+        XMixupModel.from_pretrained(tmp_path / "m")
+    assert info.value.path == str(weights)
+
+
 def test_save_and_load_round_trip(tiny_xmixup, tmp_path):
     from dlfa.training.xmixup import predict_with_translation
 

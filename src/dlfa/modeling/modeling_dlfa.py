@@ -33,8 +33,9 @@ Design choices the paper leaves open, and what this file does:
   linear, the RoBERTa classification head, since several encoders (XLM-R, e5) ship no trained pooler.
 
 The model wraps any transformers encoder that returns ``hidden_states`` (BERT, XLM-R, DistilBERT, ...).
-``save_pretrained`` writes ``dlfa_config.json``, the encoder's ``config.json`` and ``model.safetensors``;
-``from_pretrained`` rebuilds the model from those files only (no pickle, no network).
+``save_pretrained`` writes ``dlfa_config.json``, the encoder's ``config.json``, ``model.safetensors`` and, last,
+``checksums.json`` with the weights' sha256; ``from_pretrained`` rebuilds the model from those files only (no pickle,
+no network) and refuses weights that do not match a recorded sha256.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dlfa.errors import DlfaInputError
+from dlfa.io import CHECKSUMS_NAME, read_checksums, sha256_file, write_checksums
 
 DLFA_CONFIG_NAME = "dlfa_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -299,13 +301,15 @@ class DLFAModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write dlfa_config.json, the encoder's config.json and model.safetensors into ``folder``."""
+        """Write dlfa_config.json, the encoder's config.json, model.safetensors and (last) checksums.json."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / DLFA_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
         self.encoder.config.save_pretrained(folder)
         # save_model handles tied/shared tensors, which save_file refuses.
         save_model(self, str(folder / WEIGHTS_NAME))
+        # safetensors checks the header, not the tensor data: the sha256 catches a flipped bit in the weights.
+        write_checksums(folder, (WEIGHTS_NAME,))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> DLFAModel:
@@ -314,22 +318,34 @@ class DLFAModel(nn.Module):
 
         folder = Path(folder)
         config_path = folder / DLFA_CONFIG_NAME
+        encoder_config_path = folder / "config.json"
         weights_path = folder / WEIGHTS_NAME
-        for path in (config_path, folder / "config.json", weights_path):
+        for path in (config_path, encoder_config_path, weights_path):
             if not path.is_file():
                 raise DlfaInputError("not a saved dlfa model (file missing)", path=path)
         try:
-            config = DLFAConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            config = DLFAConfig.from_dict(data)
+        except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise DlfaInputError(f"unreadable model config ({exc})", path=config_path) from None
-        encoder_config = AutoConfig.from_pretrained(folder)
-        encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False) if _takes_pooler(
-            encoder_config) else AutoModel.from_config(encoder_config)
+        except DlfaInputError as exc:  # a bad value, reported by DLFAConfig without the file
+            raise DlfaInputError(f"invalid model config ({exc.message})", path=config_path) from None
+        try:
+            encoder_config = AutoConfig.from_pretrained(folder)
+            encoder = AutoModel.from_config(encoder_config, add_pooling_layer=False) if _takes_pooler(
+                encoder_config) else AutoModel.from_config(encoder_config)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:  # transformers' many ways to fail
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DlfaInputError(f"unreadable encoder config ({message})", path=encoder_config_path) from None
+        verify_weights_checksum(folder)
         model = cls(config, encoder)
         try:
             missing, unexpected = load_model(model, str(weights_path), strict=False, device=str(device))
         except Exception as exc:  # safetensors raises several types for corrupt files
-            raise DlfaInputError(f"corrupt or truncated weights ({exc})", path=weights_path) from None
+            message = " ".join(str(exc).split())  # one line: load_state_dict lists its problems on several
+            raise DlfaInputError(f"corrupt or truncated weights ({message})", path=weights_path) from None
         if missing or unexpected:
             raise DlfaInputError(
                 f"weights do not match the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})",
@@ -342,6 +358,25 @@ class DLFAModel(nn.Module):
         """A new model around a pretrained encoder (hub id, local folder or resolved embedded folder)."""
         encoder = load_encoder(encoder_name_or_path)
         return cls(config, encoder)
+
+
+def verify_weights_checksum(folder: Path, name: str = WEIGHTS_NAME) -> None:
+    """Compare ``folder/name`` (model.safetensors) with its sha256 in checksums.json, when there is one.
+
+    Folders saved before checksums existed, or by other tools, have none and load unverified; a checksum file that
+    is present but damaged, or a sha256 that differs, is an error.
+    """
+    checksums_path = folder / CHECKSUMS_NAME
+    if not checksums_path.is_file():
+        return
+    try:
+        expected = read_checksums(checksums_path).get(name)
+    except (OSError, ValueError) as exc:
+        raise DlfaInputError(str(exc).splitlines()[0], path=checksums_path) from None
+    weights_path = folder / name
+    if expected is not None and sha256_file(weights_path) != expected:
+        raise DlfaInputError(f"corrupt weights (the file does not match its sha256 in {CHECKSUMS_NAME})",
+                             path=weights_path)
 
 
 def _takes_pooler(encoder_config: Any) -> bool:

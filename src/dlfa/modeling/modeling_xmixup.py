@@ -62,7 +62,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dlfa.errors import DlfaInputError
+from dlfa.io import write_checksums
 from dlfa.modeling.modeling_dlfa import (
+    WEIGHTS_NAME,
     DictConfig,
     DLFAModel,
     DLFAOutput,
@@ -70,6 +72,7 @@ from dlfa.modeling.modeling_dlfa import (
     encoder_hidden_size,
     encoder_num_heads,
     encoder_num_layers,
+    verify_weights_checksum,
 )
 
 XMIXUP_CONFIG_NAME = "xmixup_config.json"
@@ -329,6 +332,7 @@ class XMixupModel(nn.Module):
         (folder / XMIXUP_CONFIG_NAME).write_text(json.dumps(self.xmixup_config.to_dict(), indent=2) + "\n",
                                                  encoding="utf-8")
         save_model(self.mixers, str(folder / XMIXUP_WEIGHTS_NAME))
+        write_checksums(folder, (WEIGHTS_NAME, XMIXUP_WEIGHTS_NAME))  # replaces the DLFA-only one, still last
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> XMixupModel:
@@ -338,6 +342,7 @@ class XMixupModel(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise DlfaInputError("not a saved X-Mixup model (file missing)", path=path)
+        verify_weights_checksum(folder, XMIXUP_WEIGHTS_NAME)
         try:
             config = XMixupConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
