@@ -609,8 +609,13 @@ def verify_embedded_dir(path: str | Path, full: bool = False) -> dict[str, Any]:
         size = item.stat().st_size
         if size != info["size"]:
             raise DlfaInputError(f"{name} has {size} bytes, manifest says {info['size']}", path=path)
-        if full and _sha256(item) != info.get("sha256"):
-            raise DlfaInputError(f"{name} does not match its sha256 in {MANIFEST_NAME}", path=path)
+        if full:
+            try:
+                digest = _sha256(item)
+            except OSError as exc:  # e.g. removed meanwhile by another process rebuilding the folder
+                raise DlfaInputError(f"cannot read {name}: {exc.strerror or exc}", path=path) from None
+            if digest != info.get("sha256"):
+                raise DlfaInputError(f"{name} does not match its sha256 in {MANIFEST_NAME}", path=path)
     return manifest
 
 
@@ -679,8 +684,28 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+_FULLY_VERIFIED: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
+"""Cached folder -> (name, size, mtime, inode) of its files when this process last re-hashed them all."""
+
+
+def _file_stamps(target: Path, manifest: dict[str, Any]) -> tuple[tuple[str, int, int, int], ...]:
+    stamps = []
+    for name in sorted(manifest["files"]):
+        try:
+            info = (target / name).stat()
+        except OSError as exc:  # removed since the manifest check
+            raise DlfaInputError(f"cannot read {name}: {exc.strerror or exc}", path=target) from None
+        stamps.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(stamps)
+
+
 def _check_cached(target: Path, source: Path | None) -> None:
-    """Cheap validity check of a cached folder, plus: was it converted from the source installed now?"""
+    """Validity check of a cached folder, plus: was it converted from the source installed now?
+
+    Manifest and file sizes are checked on every call; a same-size corruption (a flipped bit) needs the full
+    re-hash, done once per process per folder (about 1 s per GB), and again if a file was rewritten or replaced
+    since (another process rebuilt the folder).
+    """
     manifest = verify_embedded_dir(target)
     if source is not None:
         recorded = manifest.get("source") or {}
@@ -691,6 +716,11 @@ def _check_cached(target: Path, source: Path | None) -> None:
                 f"source is {source.name} ({size} bytes)",
                 path=target,
             )
+    key = str(target.resolve())
+    if _FULLY_VERIFIED.get(key) != _file_stamps(target, manifest):
+        _FULLY_VERIFIED.pop(key, None)
+        manifest = verify_embedded_dir(target, full=True)
+        _FULLY_VERIFIED[key] = _file_stamps(target, manifest)
 
 
 def _fresh_dir(parent: Path, prefix: str) -> Path:
@@ -728,7 +758,8 @@ def embedded_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     ``name`` may carry the ``embedded:`` prefix. The folder is ``<cache root>/models/<name>``. Conversion goes into
     a temporary folder beside it that is renamed into place only once complete, under a file lock, so neither a
     killed run nor two concurrent runs can leave a half-written model. Every call checks the folder (manifest,
-    file sizes, source); a folder that fails is discarded and rebuilt with a warning, never used.
+    file sizes, source) and, the first time in a process, every file's sha256; a folder that fails is discarded
+    and rebuilt with a warning, never used.
     """
     key = _embedded_key(name)
     models_root = embedded_cache_root(cache_dir) / "models"
