@@ -3,7 +3,11 @@
 Covers what tests/test_resume.py, tests/test_modeling.py, tests/test_cache_and_guard.py and
 tests/test_embedded.py leave out, for the four things dlfa reads back: the run checkpoint, the saved model
 (``best/``), the feature cache and the embedded-model cache. Gaps of the current code are written as strict
-``xfail`` tests naming the change they need, so that they start failing (XPASS) once it is made.
+``xfail`` tests naming the change they need, so that they start failing (XPASS) once it is made (none is left).
+
+Checkpoints and saved models carry sha256 checksums (``checksums.json``), which catch any damage to the files they
+list. The ``rehash`` variants re-record the checksums after the damage, as a buggy writer would, to test the
+structural checks behind them.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from test_embedded import NAME, write_tiny_e5s1
 import dlfa.modeling.embedded as emb
 from dlfa.data.cache import FeatureCache
 from dlfa.errors import DlfaInputError
+from dlfa.io import CHECKSUMS_NAME, write_checksums
 from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
-from dlfa.training.checkpoint import FILES, load_checkpoint, save_checkpoint
+from dlfa.training.checkpoint import CHECKSUMS_FILE, FILES, load_checkpoint, save_checkpoint
 
 SAMPLED_POSITIONS = 60
 
@@ -103,17 +108,25 @@ def _restored(folder: Path, trained) -> dict[str, torch.Tensor]:
     return state
 
 
-def _header_outcomes(folder: Path, trained, name: str) -> dict[str, list[int]]:
+def _rehash(folder: Path) -> None:
+    """Record the checksums of a checkpoint's files as they are now (damage included)."""
+    write_checksums(folder, FILES)
+
+
+def _header_outcomes(folder: Path, trained, name: str, rehash: bool = False) -> dict[str, list[int]]:
     """Flip one random bit at sampled header positions of one file: how did each load end?"""
     reference = _restored(folder, trained)
     path = folder / name
     original = path.read_bytes()
+    checksums = (folder / CHECKSUMS_FILE).read_bytes()
     rng = random.Random(name)
     size = _header_length(path)
     outcomes: dict[str, list[int]] = {}
     for position in sorted(rng.sample(range(size), min(SAMPLED_POSITIONS, size))):
         path.write_bytes(original)
         _flip(path, position, rng.randrange(8))
+        if rehash:
+            _rehash(folder)
         try:
             kind = "identical" if _same(_restored(folder, trained), reference) else "silently different"
         except DlfaInputError:
@@ -122,56 +135,51 @@ def _header_outcomes(folder: Path, trained, name: str) -> dict[str, list[int]]:
             kind = f"crash ({type(exc).__name__})"
         outcomes.setdefault(kind, []).append(position)
     path.write_bytes(original)
+    (folder / CHECKSUMS_FILE).write_bytes(checksums)
     return outcomes
 
 
-@pytest.mark.parametrize("name", [
-    "model.safetensors",
-    pytest.param("optimizer.safetensors", marks=pytest.mark.xfail(strict=True, reason=(
-        "a flipped bit in an optimizer tensor name ('36.exp_avg_sq' -> '26.exp_avg_sq') restores that state onto "
-        "another parameter: _restore_optimizer should check that the names are exactly the expected ones and "
-        "that each tensor's shape matches its parameter (or a checksum should catch it)"))),
-    pytest.param("rng.safetensors", marks=pytest.mark.xfail(strict=True, reason=(
-        "a flipped bit in a tensor name of rng.safetensors ('torch_cpu') gives a bare KeyError, or ('sampler') "
-        "silently skips restoring the sampler: load_checkpoint should read rng['torch_cpu'] inside its try block "
-        "and require 'sampler' when it is given a sampler generator"))),
-])
-def test_checkpoint_header_damage_is_a_clear_error_or_harmless(checkpoint: Path, trained, name: str) -> None:
-    """Single-bit flips in a safetensors header: a clear error, or exactly the undamaged checkpoint's state."""
-    outcomes = _header_outcomes(checkpoint, trained, name)
+@pytest.mark.parametrize("rehash", [False, True])
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "rng.safetensors"])
+def test_checkpoint_header_damage_is_a_clear_error_or_harmless(
+    checkpoint: Path, trained, name: str, rehash: bool
+) -> None:
+    """Single-bit flips in a safetensors header: a clear error, or exactly the undamaged checkpoint's state.
+
+    With ``rehash``, a renamed optimizer tensor ('36.exp_avg_sq' -> '26.exp_avg_sq') must not restore its state
+    onto another parameter, a renamed 'torch_cpu' must not be a bare KeyError and a renamed 'sampler' must not
+    leave the sampler silently unrestored.
+    """
+    outcomes = _header_outcomes(checkpoint, trained, name, rehash)
     assert set(outcomes) <= {"clear error", "identical"}, outcomes
 
 
-NOT_AN_OBJECT = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "a state.json holding valid JSON that is not an object raises a bare TypeError: load_checkpoint's except "
-    "clause should also catch TypeError"))
-
-
-@pytest.mark.parametrize("damage", ["garbage", pytest.param("not an object", marks=NOT_AN_OBJECT),
-                                    pytest.param("list", marks=NOT_AN_OBJECT)])
-def test_unparseable_checkpoint_state_is_a_clear_error(checkpoint: Path, trained, damage: str) -> None:
+@pytest.mark.parametrize("rehash", [False, True])
+@pytest.mark.parametrize("damage", ["garbage", "not an object", "list"])
+def test_unparseable_checkpoint_state_is_a_clear_error(checkpoint: Path, trained, damage: str, rehash: bool) -> None:
     text = {"garbage": "{not json", "not an object": '"text"', "list": "[1, 2]"}[damage]
     (checkpoint / "state.json").write_text(text)
-    with pytest.raises(DlfaInputError, match="corrupt checkpoint"):
+    if rehash:
+        _rehash(checkpoint)
+    with pytest.raises(DlfaInputError, match="corrupt checkpoint") as info:
         _load(checkpoint, trained)
+    assert str(info.value).startswith(str(checkpoint)) and "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, TypeError, ValueError), reason=(
-    "checkpoint.load_checkpoint reads state['scheduler'], ['python_random'], ['numpy_random'] and ['progress'] "
-    "outside its try block: a state.json missing them raises a bare KeyError; move those reads inside it"))
-@pytest.mark.parametrize("key", ["scheduler", "python_random", "numpy_random", "progress"])
-def test_checkpoint_state_missing_a_key_is_a_clear_error(checkpoint: Path, trained, key: str) -> None:
+@pytest.mark.parametrize("rehash", [False, True])
+@pytest.mark.parametrize("key", ["scheduler", "python_random", "numpy_random", "progress", "optimizer"])
+def test_checkpoint_state_missing_a_key_is_a_clear_error(checkpoint: Path, trained, key: str, rehash: bool) -> None:
     state = json.loads((checkpoint / "state.json").read_text())
     del state[key]
     (checkpoint / "state.json").write_text(json.dumps(state))
-    with pytest.raises(DlfaInputError, match="corrupt checkpoint"):
+    if rehash:
+        _rehash(checkpoint)
+    with pytest.raises(DlfaInputError, match="corrupt checkpoint") as info:
         _load(checkpoint, trained)
+    if rehash:
+        assert f"state.json has no '{key}'" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no checksum in a checkpoint: a flipped bit in tensor data (safetensors does not check data) or a changed "
-    "value in state.json is loaded silently; save_checkpoint should record each file's sha256 (written last) "
-    "and load_checkpoint compare them"))
 @pytest.mark.parametrize("name", FILES)
 def test_checkpoint_data_corruption_is_detected(checkpoint: Path, trained, name: str) -> None:
     path = checkpoint / name
@@ -181,7 +189,108 @@ def test_checkpoint_data_corruption_is_detected(checkpoint: Path, trained, name:
         path.write_text(json.dumps(state))
     else:
         _flip(path, path.stat().st_size - 2, 6)
-    with pytest.raises(DlfaInputError):
+    with pytest.raises(DlfaInputError, match=f"corrupt checkpoint.*{name}.*sha256") as info:
+        _load(checkpoint, trained)
+    assert str(info.value).startswith(str(checkpoint)) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "garbage", "truncated", "not ours", "wrong digest",
+                                    "entry missing", "extra entry"])
+def test_damaged_checkpoint_checksums_are_a_clear_error(checkpoint: Path, trained, damage: str) -> None:
+    path = checkpoint / CHECKSUMS_FILE
+    data = json.loads(path.read_text())
+    if damage == "missing":
+        path.unlink()
+    elif damage in ("empty", "garbage", "truncated"):
+        text = path.read_text()
+        path.write_text({"empty": "", "garbage": "\x00 not json", "truncated": text[: len(text) // 2]}[damage])
+    elif damage == "not ours":
+        path.write_text(json.dumps({"model.safetensors": "0" * 64}))
+    else:
+        digests = data["sha256"]
+        if damage == "wrong digest":
+            digests["rng.safetensors"] = "0" * 64
+        elif damage == "entry missing":
+            del digests["rng.safetensors"]
+        else:
+            digests["other.safetensors"] = "0" * 64
+        path.write_text(json.dumps(data))
+    expected = "incomplete checkpoint" if damage == "missing" else "corrupt checkpoint"
+    with pytest.raises(DlfaInputError, match=expected) as info:
+        _load(checkpoint, trained)
+    assert str(info.value).startswith(str(checkpoint)) and "\n" not in str(info.value)
+    assert CHECKSUMS_FILE in str(info.value) or "rng.safetensors" in str(info.value)
+
+
+def test_checkpoint_is_safetensors_and_json_only(checkpoint: Path) -> None:
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted((*FILES, CHECKSUMS_FILE))
+    assert json.loads((checkpoint / CHECKSUMS_FILE).read_text())["sha256"].keys() == set(FILES)
+
+
+def _rewrite_safetensors(path: Path, change) -> None:
+    """Rewrite a checkpoint's safetensors file through ``change(tensors)``, then re-record the checksums."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    tensors = load_torch(str(path))
+    change(tensors)
+    save_torch(tensors, str(path))
+    _rehash(path.parent)
+
+
+@pytest.mark.parametrize("damage", ["renamed", "wrong shape", "extra", "missing", "names no parameter"])
+def test_optimizer_state_must_match_the_parameters(checkpoint: Path, trained, damage: str) -> None:
+    state_path = checkpoint / "state.json"
+    state = json.loads(state_path.read_text())
+    moment = next(n for n in state["optimizer"]["tensors"] if n.endswith(".exp_avg"))
+    index = moment.split(".")[0]
+    if damage == "names no parameter":  # consistently renamed in both files: only the index check can tell
+        state["optimizer"]["tensors"] = [n.replace(moment, "10000.exp_avg") for n in state["optimizer"]["tensors"]]
+        state_path.write_text(json.dumps(state))
+
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        if damage in ("renamed", "names no parameter"):
+            tensors["10000.exp_avg" if damage == "names no parameter" else f"{index}.exp_avg_x"] = tensors.pop(moment)
+        elif damage == "wrong shape":
+            tensors[moment] = torch.zeros(tensors[moment].numel() + 1)
+        elif damage == "extra":
+            tensors[f"{index}.extra"] = torch.zeros(1)
+        else:
+            del tensors[moment]
+
+    _rewrite_safetensors(checkpoint / "optimizer.safetensors", change)
+    with pytest.raises(DlfaInputError, match="corrupt checkpoint.*optimizer"):
+        _load(checkpoint, trained)
+
+
+def test_optimizer_tensor_on_a_parameter_of_another_shape_is_refused(checkpoint: Path, trained) -> None:
+    state = json.loads((checkpoint / "state.json").read_text())
+    names = state["optimizer"]["tensors"]
+    shapes: dict[str, tuple] = {}
+    _rewrite_safetensors(checkpoint / "optimizer.safetensors", lambda t: shapes.update({n: t[n].shape for n in t}))
+    # Swap the state of two parameters of different shapes, names and all: only the shape check can tell.
+    first = next(n for n in names if n.endswith(".exp_avg"))
+    second = next(n for n in names if n.endswith(".exp_avg") and shapes[n] != shapes[first])
+
+    def swap(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[first], tensors[second] = tensors[second], tensors[first]
+
+    _rewrite_safetensors(checkpoint / "optimizer.safetensors", swap)
+    with pytest.raises(DlfaInputError, match="corrupt checkpoint.*shape"):
+        _load(checkpoint, trained)
+
+
+def test_rng_state_without_the_sampler(checkpoint: Path, trained) -> None:
+    _rewrite_safetensors(checkpoint / "rng.safetensors", lambda tensors: tensors.pop("sampler"))
+    with pytest.raises(DlfaInputError, match="corrupt checkpoint.*rng.safetensors has no 'sampler'"):
+        _load(checkpoint, trained)
+    model, optimizer, scheduler = trained
+    assert load_checkpoint(checkpoint, model, optimizer, scheduler, None) == {"step": 1}  # no sampler to restore
+
+
+def test_rng_state_without_torch_cpu_is_a_clear_error(checkpoint: Path, trained) -> None:
+    _rewrite_safetensors(checkpoint / "rng.safetensors", lambda tensors: tensors.pop("torch_cpu"))
+    with pytest.raises(DlfaInputError, match="corrupt checkpoint.*rng.safetensors has no 'torch_cpu'"):
         _load(checkpoint, trained)
 
 
@@ -221,30 +330,66 @@ def test_model_header_damage_is_an_error_or_harmless(saved: Path) -> None:
         assert _same(_state(loaded), reference), f"flipped header byte {position} changed the loaded weights"
 
 
-@pytest.mark.parametrize("name", [
-    "dlfa_config.json",
-    pytest.param("config.json", marks=pytest.mark.xfail(strict=True, raises=(OSError, ValueError), reason=(
-        "DLFAModel.from_pretrained calls AutoConfig.from_pretrained unguarded: a damaged config.json raises "
-        "transformers' OSError or a JSONDecodeError; wrap it and raise DlfaInputError(path=config.json)"))),
+@pytest.mark.parametrize("name,damage", [
+    *((name, damage) for name in ("dlfa_config.json", "config.json")
+      for damage in ("truncated", "garbage", "empty", "not an object")),
+    ("dlfa_config.json", "bad value"),
+    ("config.json", "no model type"),
 ])
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_model_config_is_a_clear_error(saved: Path, name: str, damage: str) -> None:
     path = saved / name
     text = path.read_text()
-    path.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\x01 not json", "empty": ""}[damage])
-    with pytest.raises(DlfaInputError, match=name.replace(".", r"\.")):
+    path.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\x01 not json", "empty": "",
+                     "not an object": "[1, 2]", "no model type": "{}",
+                     "bad value": text.replace('"layernorm"', '"batchnorm"')}[damage])
+    with pytest.raises(DlfaInputError, match=name.replace(".", r"\.")) as info:
         DLFAModel.from_pretrained(saved)
+    assert info.value.path == str(path) and "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safetensors checks the header, not the tensor data: a flipped bit in model.safetensors loads silently. "
-    "save_pretrained should write the file's sha256 (e.g. into dlfa_config.json or a checksums.json written "
-    "last) and from_pretrained compare it (about 1 s per GB) before load_model"))
 def test_model_weight_bit_flip_is_detected(saved: Path) -> None:
     path = saved / "model.safetensors"
     _flip(path, _header_length(path) + (path.stat().st_size - _header_length(path)) // 2, 6)
-    with pytest.raises(DlfaInputError, match="model.safetensors"):
+    with pytest.raises(DlfaInputError, match="model.safetensors.*sha256") as info:
         DLFAModel.from_pretrained(saved)
+    assert info.value.path == str(path)
+
+
+def test_model_checksum_is_recorded_last_and_matches(saved: Path) -> None:
+    from dlfa.io import sha256_file
+
+    checksums = json.loads((saved / CHECKSUMS_NAME).read_text())
+    assert checksums["sha256"] == {"model.safetensors": sha256_file(saved / "model.safetensors")}
+    assert (saved / CHECKSUMS_NAME).stat().st_mtime_ns >= (saved / "model.safetensors").stat().st_mtime_ns
+
+
+def test_model_without_a_checksum_still_loads(saved: Path) -> None:
+    """Folders saved before checksums existed (or by other tools) load unverified."""
+    reference = _state(DLFAModel.from_pretrained(saved))
+    (saved / CHECKSUMS_NAME).unlink()
+    assert _same(_state(DLFAModel.from_pretrained(saved)), reference)
+
+
+def test_model_checksum_without_the_weights_entry_still_loads(saved: Path) -> None:
+    reference = _state(DLFAModel.from_pretrained(saved))
+    path = saved / CHECKSUMS_NAME
+    data = json.loads(path.read_text())
+    data["sha256"] = {}
+    path.write_text(json.dumps(data))
+    assert _same(_state(DLFAModel.from_pretrained(saved)), reference)
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "not ours", "bad digest"])
+def test_damaged_model_checksums_are_a_clear_error(saved: Path, damage: str) -> None:
+    path = saved / CHECKSUMS_NAME
+    text = path.read_text()
+    data = json.loads(text)
+    data["sha256"]["model.safetensors"] = "xyz"
+    path.write_text({"empty": "", "garbage": "\x00 not json", "truncated": text[: len(text) // 2],
+                     "not ours": json.dumps({"model.safetensors": "0" * 64}), "bad digest": json.dumps(data)}[damage])
+    with pytest.raises(DlfaInputError, match=CHECKSUMS_NAME.replace(".", r"\.")) as info:
+        DLFAModel.from_pretrained(saved)
+    assert info.value.path == str(path) and "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- feature cache
@@ -323,13 +468,28 @@ def test_embedded_weight_bit_flip_fails_the_full_check(embedded: Path) -> None:
         verify_embedded_dir(embedded, full=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "embedded_model_dir only checks file sizes on each use, so a same-size corruption of the cached weights is "
-    "used silently; it should hash the files (verify_embedded_dir(full=True)) at least once per process, or "
-    "record and compare the files' mtimes"))
 def test_embedded_weight_bit_flip_is_rebuilt_on_use(embedded: Path) -> None:
     weights = embedded / "model.safetensors"
     good = weights.read_bytes()
     _flip(weights, weights.stat().st_size - 5, 3)
     folder = emb.embedded_model_dir(NAME, cache_dir=embedded.parent.parent)
     assert (folder / "model.safetensors").read_bytes() == good
+
+
+def test_embedded_full_check_runs_once_per_process(embedded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full re-hash is memoised per folder; a rewritten file (new mtime or inode) is hashed again."""
+    hashed: list[str] = []
+    real = emb._sha256
+    monkeypatch.setattr(emb, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    cache_dir = embedded.parent.parent
+    assert emb.embedded_model_dir(NAME, cache_dir=cache_dir) == embedded
+    assert "model.safetensors" in hashed  # first use in this process after the conversion: hashed once
+    hashed.clear()
+    assert emb.embedded_model_dir(NAME, cache_dir=cache_dir) == embedded
+    assert hashed == []
+    weights = embedded / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data)  # same bytes, another inode: hashed again, and still good
+    assert emb.embedded_model_dir(NAME, cache_dir=cache_dir) == embedded
+    assert "model.safetensors" in hashed

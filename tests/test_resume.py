@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import CONLLU_SENTENCES, write_conllu
 
 from dlfa.cli.main import main
@@ -41,7 +42,9 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_model_dir, longer_udp
     assert not (reference / "checkpoint").exists()  # removed once the run is complete
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The same number of threads as this process (conftest sets it), whatever OMP_NUM_THREADS says: float sums, and
+    # so the losses, depend on it.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "dlfa", *_args(tiny_model_dir, longer_udpos_dir, killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = killed / "checkpoint" / "state.json"
@@ -71,8 +74,6 @@ def test_resume_refuses_another_configuration(tiny_model_dir, tiny_udpos_dir, tm
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
-    import torch
-
     from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
     from dlfa.training.checkpoint import save_checkpoint
 
