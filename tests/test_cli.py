@@ -127,3 +127,22 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "nowhere" in result.stderr
+
+
+def test_demo_end_to_end_on_the_shipped_sample(tiny_model_dir, tmp_path, capsys):
+    """`dlfa demo` (README's first command) on the tiny model: both runs, the table, the plot, the JSON."""
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(tiny_model_dir), "--fuse-layer", "2", "--epochs", "1", "--output", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    languages = [row["language"] for row in summary["rows"]]
+    assert languages[-1] == "average" and set(languages[:-1]) == {"de", "es", "fr", "it", "nl", "ru"}
+    for row in summary["rows"]:
+        assert 0.0 <= row["baseline"] <= 100.0 and 0.0 <= row["D_2"] <= 100.0
+    for name in ("demo.md", "demo.png", "baseline/metrics.json", "dlfa/metrics.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "dlfa/metrics.json").read_text(encoding="utf-8"))["fuse_layer"] == 2
+    assert "D_2" in capsys.readouterr().out
+    # A second demo into the same folder refuses to overwrite it: one line, exit status 2.
+    assert main(args) == 2
+    assert capsys.readouterr().err.count("\n") == 1
