@@ -160,6 +160,18 @@ def test_table4_per_language(sweep, tmp_path):
     assert "75.00 ± 2.00" in md
 
 
+def test_table4_by_language_has_a_line_per_language(sweep):
+    report = Report(collect_runs([sweep]).runs)
+    xnli = report.table4_by_language()[0]
+    assert xnli.headers == ["language", "baseline", "D_1", "D_2"]
+    lines = {row[0]: row for row in xnli.rows}
+    assert list(lines) == ["en", "de", "zh", "average"]
+    assert lines["de"][3] == "75.00 ± 2.00"  # D_2 de: 73, 75, 77
+    assert lines["average"][1] == "72.00 ± 2.00"  # the baseline's Table 1 cell
+    de = xnli.rows.index(lines["de"])
+    assert (de, 3) in xnli.best and (de, 1) not in xnli.best
+
+
 def test_other_methods_get_their_own_rows(tmp_path):
     root = tmp_path / "runs"
     make_run(root / "a", "xnli", {"en": 80.0, "de": 70.0})
