@@ -139,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps per variant before timing")
     p.add_argument("--batch-size", type=int, help="training batch size (default 32; quick CPU: 8)")
     p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--eval-sentences", type=int, help="sentences sampled per UD test set (default: CPU 48, CUDA all)")
+    p.add_argument("--eval-sentences", type=int, help="sentences sampled per UD test set; 0 = all (default: CPU 48, CUDA all)")
     p.add_argument("--memory-steps", type=int, help="training steps per memory subprocess")
     p.add_argument("--mfu-steps", type=int, help="timed steps per variant in section e")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded:multilingual-e5-small, a local folder or hub id")
@@ -163,6 +163,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         base["overhead_steps"] = args.steps
     given = {k: getattr(args, k) for k in base if getattr(args, k) is not None}
     values = {**base, **given}
+    if values["eval_sentences"] == 0:
+        values["eval_sentences"] = None  # every sentence of every test set
     default_sections = ("a", "b", "c", "d", "e") if args.device == "cuda" else ("a", "b", "c", "d")
     sections = tuple(args.only.split(",")) if args.only else default_sections
     unknown = sorted(set(sections) - set("abcde"))
