@@ -479,8 +479,8 @@ def test_embedded_weight_bit_flip_is_rebuilt_on_use(embedded: Path) -> None:
 def test_embedded_full_check_runs_once_per_process(embedded: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The full re-hash is memoised per folder; a rewritten file (new mtime or inode) is hashed again."""
     hashed: list[str] = []
-    real = emb._sha256
-    monkeypatch.setattr(emb, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    real = emb.sha256_file
+    monkeypatch.setattr(emb, "sha256_file", lambda path: hashed.append(path.name) or real(path))
     cache_dir = embedded.parent.parent
     assert emb.embedded_model_dir(NAME, cache_dir=cache_dir) == embedded
     assert "model.safetensors" in hashed  # first use in this process after the conversion: hashed once

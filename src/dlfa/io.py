@@ -30,18 +30,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             old = tmp / (target.name + ".old")
             os.replace(target, old)
         os.replace(staged, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -65,10 +56,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fsync_file(path: str | Path) -> None:
-    """Flush a file written by another library (safetensors) to disk before a checksum vouches for it."""
+def fsync_path(path: str | Path) -> None:
+    """Flush a file (e.g. one written by safetensors) or a folder's entries to disk; best effort.
+
+    Before a checksum vouches for a file, or after a rename, so that a crash cannot leave empty files behind.
+    Some file systems refuse fsync on folders; that is ignored.
+    """
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
         try:
             os.fsync(fd)
         finally:
@@ -88,7 +84,7 @@ def write_checksums(folder: str | Path, names: list[str] | tuple[str, ...]) -> N
     folder = Path(folder)
     digests = {}
     for name in names:
-        fsync_file(folder / name)
+        fsync_path(folder / name)
         digests[name] = sha256_file(folder / name)
     write_json_atomic(folder / CHECKSUMS_NAME, {"format": CHECKSUMS_FORMAT, "sha256": digests})
 

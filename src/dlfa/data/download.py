@@ -19,7 +19,6 @@ by file name from another server, e.g. a local mirror; the checksums still apply
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import json
@@ -38,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from dlfa.errors import DlfaInputError
-from dlfa.io import atomic_path, write_json_atomic
+from dlfa.io import atomic_path, sha256_file, write_json_atomic
 
 MIRROR_ENV = "DLFA_DOWNLOAD_MIRROR"
 CHECKSUMS_FILE = "checksums.json"
@@ -262,14 +261,6 @@ class _Obtained:
     def record(self) -> dict:
         return {"file": self.path.name, "sha256": self.sha256, "bytes": self.path.stat().st_size, "url": self.url,
                 "checksum": "trust-on-first-use" if self.checksum == "recorded" else self.checksum}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_checksums(path: Path) -> dict[str, dict]:

