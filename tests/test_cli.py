@@ -98,10 +98,10 @@ def test_bad_target_file_is_caught_before_training(tiny_model_dir, tiny_udpos_di
     "extra,expected",
     [
         (["--fuse-layer", "4"], "option --fuse-layer: fused layer must be an integer in 1..3"),
-        (["--fuse-layer", "0"], "option --fuse-layer: fused layer must be an integer in 1..3"),
-        (["--fuse-layer", "top"], "option --fuse-layer: must be an integer"),
+        (["--fuse-layer", "0"], "option --fuse-layer: must be an integer >= 1, got 0"),
+        (["--fuse-layer", "top"], "option --fuse-layer: must be an integer or 'none'"),
         (["--languages", "de,xx"], "option --languages: unknown language 'xx'"),
-        (["--batch-size", "0"], "option --batch-size: must be a positive integer"),
+        (["--batch-size", "0"], "option --batch-size: must be an integer >= 1"),
     ],
 )
 def test_bad_options(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys, extra, expected):
@@ -113,7 +113,7 @@ def test_bad_options(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys, extra, ex
 
 def test_unknown_task_and_option(capsys):
     assert main(["train", "--task", "nope", "--data-dir", "x"]) == 2
-    assert "option --task: unknown task 'nope'" in _one_error_line(capsys)
+    assert "option --task: invalid choice: 'nope' (choose from 'udpos', 'panx', 'xnli', 'pawsx')" in _one_error_line(capsys)
     assert main(["train", "--no-such-flag"]) == 2
     assert "unrecognized arguments: --no-such-flag" in _one_error_line(capsys)
 
@@ -121,7 +121,7 @@ def test_unknown_task_and_option(capsys):
 def test_console_script_exit_status_and_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dlfa", "train", "--task", "udpos", "--data-dir", str(tmp_path / "nowhere"),
-         "--model", str(tmp_path)],
+         "--model", str(tmp_path), "--output", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
@@ -130,19 +130,31 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
 
 
 def test_demo_end_to_end_on_the_shipped_sample(tiny_model_dir, tmp_path, capsys):
-    """`dlfa demo` (README's first command) on the tiny model: both runs, the table, the plot, the JSON."""
+    """`dlfa demo` (README's first command) on the tiny model: every run, the table, the plot, the JSON."""
     out = tmp_path / "demo"
-    args = ["demo", "--model", str(tiny_model_dir), "--fuse-layer", "2", "--epochs", "1", "--output", str(out)]
+    args = ["demo", "--model", str(tiny_model_dir), "--fuse-layer", "2", "--epochs", "1", "--seeds", "1,2",
+            "--output", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    assert summary["seeds"] == [1, 2]
     languages = [row["language"] for row in summary["rows"]]
     assert languages[-1] == "average" and set(languages[:-1]) == {"de", "es", "fr", "it", "nl", "ru"}
     for row in summary["rows"]:
-        assert 0.0 <= row["baseline"] <= 100.0 and 0.0 <= row["D_2"] <= 100.0
-    for name in ("demo.md", "demo.png", "baseline/metrics.json", "dlfa/metrics.json"):
+        assert len(row["baseline"]) == len(row["D_2"]) == 2  # one score per seed
+        assert row["delta"] == pytest.approx([d - b for b, d in zip(row["baseline"], row["D_2"])])
+        assert all(0.0 <= v <= 100.0 for v in row["baseline"] + row["D_2"])
+    for name in ("demo.md", "demo.png", "demo.svg", "seed-1/baseline/metrics.json", "seed-2/dlfa/metrics.json"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "dlfa/metrics.json").read_text(encoding="utf-8"))["fuse_layer"] == 2
-    assert "D_2" in capsys.readouterr().out
+    assert json.loads((out / "seed-2/dlfa/metrics.json").read_text(encoding="utf-8"))["fuse_layer"] == 2
+    printed = capsys.readouterr().out
+    assert "D_2" in printed and "over 2 seeds" in printed and "fine-tunings" in printed
     # A second demo into the same folder refuses to overwrite it: one line, exit status 2.
     assert main(args) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_demo_checks_the_layer_before_training_anything(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_model_dir), "--fuse-layer", "100", "--output", str(out)]) == 2
+    assert "option --fuse-layer: fused layer must be an integer in 1..3" in _one_error_line(capsys)
+    assert not out.exists()

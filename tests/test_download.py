@@ -537,7 +537,7 @@ def test_cli_errors_are_one_line(server, tmp_path, capsys, monkeypatch):
     assert "--archive" in _one_error_line(capsys)
 
     assert main(["download", "nosuch", "--output", str(tmp_path / "n")]) == 2
-    assert "unknown task 'nosuch'" in _one_error_line(capsys)
+    assert "option --task: must be one of udpos, panx, xnli, pawsx, got 'nosuch'" in _one_error_line(capsys)
 
     # The tiny archives served under the real names are not the real releases: refused by size or checksum.
     server.state.files["x-final.tar.gz"] = pawsx_archive()

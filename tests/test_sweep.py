@@ -17,9 +17,10 @@ from dlfa.training.sweep import SweepConfig, cell_dir, plan_cells, run_sweep
 
 def _sweep(model_dir, data_dir, out, **kw) -> SweepConfig:
     return SweepConfig(
-        tasks=["udpos"], data_dirs={"udpos": str(data_dir)}, output_dir=str(out), model=str(model_dir),
+        tasks=["udpos"], data_dir=str(data_dir), output_dir=str(out),
         layers=kw.pop("layers", [1, 3]), seeds=kw.pop("seeds", [1, 2]),
-        train_overrides={"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "languages": ["de"]}, **kw,
+        train={"model": str(model_dir), "epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "languages": ["de"]},
+        **kw,
     )
 
 
@@ -39,14 +40,14 @@ def test_bad_layer_fails_before_any_run(tiny_model_dir, tiny_udpos_dir, tmp_path
 
 def test_local_sweep_then_rerun_skips_everything(tiny_model_dir, tiny_udpos_dir, tmp_path):
     config = _sweep(tiny_model_dir, tiny_udpos_dir, tmp_path / "sweep")
-    first = run_sweep(config)
+    first = run_sweep(config)["cells"]
     assert [r["status"] for r in first] == ["trained"] * 6
     for fuse_layer in (None, 1, 3):
         for seed in (1, 2):
             metrics = json.loads((cell_dir(tmp_path / "sweep", "udpos", str(tiny_model_dir), fuse_layer, seed)
                                   / "metrics.json").read_text())
             assert metrics["fuse_layer"] == fuse_layer and metrics["seed"] == seed
-    assert [r["status"] for r in run_sweep(config)] == ["finished before"] * 6
+    assert [r["status"] for r in run_sweep(config)["cells"]] == ["finished before"] * 6
 
 
 def test_two_sweep_processes_never_run_a_cell_twice(tiny_model_dir, tiny_udpos_dir, tmp_path):
@@ -56,11 +57,11 @@ def test_two_sweep_processes_never_run_a_cell_twice(tiny_model_dir, tiny_udpos_d
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    trained = [line.split()[-2] for out in outputs for line in out.splitlines() if line.strip().startswith("trained")]
+    cells = [line.split() for out in outputs for line in out.splitlines() if line.startswith("[")]
+    trained = [words[2] for words in cells if words[1] == "trained"]
     assert len(trained) == len(set(trained)) == 8  # every cell trained exactly once across both processes
-    for out in outputs:
-        for line in out.splitlines():
-            assert line.split()[0] in ("trained", "busy", "finished"), line
+    for words in cells:
+        assert words[1] in ("trained", "busy", "finished"), words
 
 
 def test_ray_sweep_on_a_local_ray_instance(tiny_model_dir, tiny_udpos_dir, tmp_path):
@@ -69,13 +70,16 @@ def test_ray_sweep_on_a_local_ray_instance(tiny_model_dir, tiny_udpos_dir, tmp_p
              runtime_env={"env_vars": {"DLFA_FEATURE_CACHE_DIR": os.environ["DLFA_FEATURE_CACHE_DIR"]}})
     try:
         results = run_sweep(_sweep(tiny_model_dir, tiny_udpos_dir, tmp_path / "sweep", seeds=[1],
-                                   ray_address="auto"))
+                                   ray_address="auto"))["cells"]
     finally:
         ray.shutdown()
     assert sorted(r["status"] for r in results) == ["trained"] * 3
-    local = run_sweep(_sweep(tiny_model_dir, tiny_udpos_dir, tmp_path / "local", seeds=[1]))
-    # The same cells give the same scores whether Ray or this process ran them.
-    assert [r["score"] for r in results] == pytest.approx([r["score"] for r in local])
+    local = run_sweep(_sweep(tiny_model_dir, tiny_udpos_dir, tmp_path / "local", seeds=[1]))["cells"]
+    # The same cells give the same scores whether Ray or this process ran them (Ray reports them as they finish).
+    def by_cell(records, root):
+        return {str(Path(r["run_dir"]).relative_to(root)): r["score"] for r in records}
+
+    assert by_cell(results, tmp_path / "sweep") == pytest.approx(by_cell(local, tmp_path / "local"))
 
 
 @pytest.fixture
@@ -114,7 +118,9 @@ def test_xmixup_sweep_rows_sit_next_to_finetuning_rows_in_the_report(tiny_model_
         metrics = json.loads((rows / row / "seed-1" / "metrics.json").read_text())
         assert (metrics["method"], metrics["fuse_layer"]) == (method, fuse_layer), row
     capsys.readouterr()
-    assert main(xmixup) == 0 and capsys.readouterr().out.split().count("finished") == 2  # a second run skips
+    assert main(xmixup) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(again) == 2 and all("finished before" in line for line in again)  # a second run skips
 
     # dlfa report: X-Mixup rows are model rows of Table 1 beside baseline and D_2, mean over the seeds.
     table, records = Report(collect_runs([out]).runs).table1()

@@ -403,8 +403,9 @@ def test_pawsx_release_files_are_joined_by_id(tmp_path):
 
 
 def test_config_validation():
-    assert "method" not in TrainConfig().to_dict()  # fine-tuning configs read as before
-    assert TrainConfig(method="xmixup", xmixup_parallel=["de"]).to_dict()["xmixup_parallel"] == ["de"]
+    required = {"task": "udpos", "data_dir": "d", "output_dir": "o"}
+    assert TrainConfig.from_dict(required).method == "finetune"  # configs saved before methods existed read as before
+    assert TrainConfig(**required, method="xmixup", xmixup_parallel=["de"]).to_dict()["xmixup_parallel"] == ["de"]
     for kwargs, option in [
         ({"xmixup_alpha": 0.5}, "--xmixup-alpha: is an X-Mixup option"),
         ({"method": "xmixup"}, "--xmixup-parallel"),
@@ -415,7 +416,7 @@ def test_config_validation():
         ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_lambda_max": 0}, "--xmixup-lambda-max"),
     ]:
         with pytest.raises(DlfaInputError, match=option):
-            TrainConfig(**kwargs)
+            TrainConfig(**required, **kwargs)
 
 
 # -- end to end ------------------------------------------------------------------------------------------------
@@ -539,7 +540,8 @@ def test_tagging_line_pairing_and_other_recipes_refuse_xmixup(tiny_model_dir, ti
     assert not out.exists()
     from dlfa.training.recipe import FinetuneRecipe
 
-    config = TrainConfig(task="udpos", data_dir=str(tiny_udpos_dir), method="xmixup", xmixup_parallel=["de"])
+    config = TrainConfig(task="udpos", data_dir=str(tiny_udpos_dir), output_dir=str(tmp_path / "run"), method="xmixup",
+                         xmixup_parallel=["de"])
     with pytest.raises(DlfaInputError, match="runs method 'finetune', not 'xmixup'"):
         FinetuneRecipe(config).setup()
 

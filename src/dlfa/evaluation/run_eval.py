@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dlfa.configs import EvaluateConfig
 from dlfa.data.batching import Collator
 from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
-from dlfa.io import write_json_atomic
+from dlfa.io import check_new_output, write_json_atomic
 from dlfa.modeling.modeling_dlfa import DLFA_CONFIG_NAME, DLFAModel
 from dlfa.tasks import get_task
 
@@ -24,35 +25,35 @@ def _load_run_config(run: Path) -> dict[str, Any]:
         raise DlfaInputError(f"unreadable run config ({exc})", path=path) from None
 
 
-def evaluate_run(
-    run: str | Path,
-    data_dir: str | None = None,
-    languages: list[str] | None = None,
-    batch_size: int = 64,
-    max_examples: int | None = None,
-    output: str | None = None,
-) -> dict[str, Any]:
+def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
+    """Score the selected model of a run (``config.run``) on the languages of a data folder."""
     from transformers import AutoTokenizer
 
-    run = Path(run)
+    output = check_new_output(config.output, "--output") if config.output else None
+    run = Path(config.run)
+    if not run.is_dir():
+        raise DlfaInputError(f"folder not found: {run}", option="--run")
     if (run / DLFA_CONFIG_NAME).is_file():  # given the model folder itself
         model_dir, run = run, run.parent
     else:
         model_dir = run / "best"
-    if not run.is_dir():
-        raise DlfaInputError("run folder not found", path=run)
-    config = _load_run_config(run)
-    task = get_task(config["task"])
-    data_dir = data_dir or config["data_dir"]
-    langs = task.resolve_languages(data_dir, languages, option="--languages")
-    examples = {lang: task.read(data_dir, lang, task.eval_split)[:max_examples] for lang in langs}
+    saved = _load_run_config(run)
+    task = get_task(saved["task"])
+    data_dir = Path(config.data_dir) if config.data_dir else Path(saved["data_dir"])
+    if not data_dir.is_absolute() and not data_dir.is_dir() and not config.data_dir:
+        raise DlfaInputError(f"the run's data folder {data_dir} is relative (saved by an older dlfa) and not found from "
+                             "here; give --data-dir", option="--data-dir")
+    task.check_data_dir(data_dir)
+    langs = task.resolve_languages(data_dir, config.languages, option="--languages")
+    examples = {lang: task.read(data_dir, lang, task.eval_split)[:config.max_eval_examples] for lang in langs}
+    batch_size = config.batch_size
 
     model = DLFAModel.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     collator = Collator(tokenizer, task.head)
     per_language = {}
     for lang in langs:
-        features = task.featurize(examples[lang], tokenizer, config["max_length"])
+        features = task.featurize(examples[lang], tokenizer, saved["max_length"])
         per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
                                                desc=f"eval {lang}")
     metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
@@ -66,6 +67,6 @@ def evaluate_run(
         "languages": per_language,
         "average": {m: average(per_language, m) for m in metric_names},
     }
-    if output:
+    if output is not None:
         write_json_atomic(output, result)
     return result

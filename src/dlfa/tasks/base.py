@@ -16,6 +16,20 @@ from pathlib import Path
 from dlfa.errors import DlfaInputError
 
 SPLITS = ("train", "dev", "test")
+_LOOSE_LANGUAGE = r"[a-z]{2,3}(?:[_-][a-z0-9]+)*"
+
+
+def _refuse_duplicates(paths: Sequence[Path]) -> None:
+    """Files that are concatenated (UD treebanks of one language) must not be copies of each other."""
+    from dlfa.io import sha256_file
+
+    seen: dict[str, Path] = {}
+    for path in paths:
+        digest = sha256_file(path)
+        if digest in seen:
+            raise DlfaInputError(f"same content as {seen[digest].name}; the two would be read twice (keep one)",
+                                 path=path)
+        seen[digest] = path
 
 
 @dataclass(frozen=True)
@@ -62,18 +76,57 @@ class Task(ABC):
         if not data_dir.is_dir():
             return
         regexes = [re.compile(p.replace("{split}", re.escape(split))) for p in self.file_patterns]
+        # The same names with any-case, regional language codes: a file that only these match is a misnamed data
+        # file (DE-test.conllu, dev-de_CH.tsv), which must not be skipped without a word.
+        loose = [re.compile(p.replace("{split}", re.escape(split)).replace("[a-z]{2,3}", _LOOSE_LANGUAGE),
+                            re.IGNORECASE) for p in self.file_patterns]
         for path in sorted(data_dir.iterdir()):
             for regex in regexes:
                 match = regex.fullmatch(path.name)
                 if match:
                     yield match.group("lang"), path
                     break
+            else:
+                if any(regex.fullmatch(path.name) for regex in loose):
+                    raise DlfaInputError(
+                        f"file name not understood as a {self.name} {split} file: the language must be a lower-case "
+                        "code such as de or zh (regional variants like de_CH are not told apart); rename it",
+                        path=path)
 
     def files(self, data_dir: str | Path, language: str, split: str) -> list[Path]:
         return [path for lang, path in self._matches(Path(data_dir), split) if lang == language]
 
     def available_languages(self, data_dir: str | Path, split: str) -> list[str]:
         return sorted({lang for lang, _ in self._matches(Path(data_dir), split)})
+
+    def check_data_dir(self, data_dir: str | Path, option: str = "--data-dir") -> None:
+        """The folder exists and holds this task's files; otherwise say what it holds instead."""
+        data_dir = Path(data_dir)
+        if not data_dir.exists():
+            raise DlfaInputError(f"folder not found: {data_dir}", option=option)
+        if not data_dir.is_dir():
+            raise DlfaInputError(f"not a folder: {data_dir}", option=option)
+        if any(self.available_languages(data_dir, split) for split in SPLITS):
+            return
+        from dlfa.tasks import TASKS
+
+        others = [t.name for t in TASKS.values() if t.name != self.name
+                  and any(t.available_languages(data_dir, split) for split in SPLITS)]
+        if others:
+            raise DlfaInputError(f"{data_dir} holds {others[0]} files, not {self.name} files (use --task {others[0]})",
+                                 option="--task")
+        raise DlfaInputError(f"no {self.name} files in {data_dir} (expected names like {self.example_names}; "
+                             "`dlfa download " + self.name + "` fetches them)", option=option)
+
+    @property
+    def example_names(self) -> str:
+        """Two file names this task reads, e.g. "en-train.conllu, de-test.conllu", for messages."""
+        for pattern in self.file_patterns:
+            names = [pattern.replace("{split}", split).replace("(?P<lang>[a-z]{2,3})", lang).replace("\\.", ".")
+                     for split, lang in (("train", "en"), (self.eval_split, "de"))]
+            if not any(c in name for name in names for c in "[](){}?*+\\"):
+                return ", ".join(names)
+        return ", ".join(self.file_patterns)
 
     def read(self, data_dir: str | Path, language: str, split: str) -> list:
         """All examples of one language and split (several files, e.g. UD treebanks, are concatenated)."""
@@ -83,8 +136,12 @@ class Task(ABC):
         paths = self.files(data_dir, language, split)
         if not paths:
             found = ", ".join(self.available_languages(data_dir, split)) or "none"
+            hint = ""
+            other = [s for s in SPLITS if s != split and language in self.available_languages(data_dir, s)]
+            if split == "train" and other:
+                hint = f"; it has a {other[0]} file for {language!r}: train on it with --train-split {other[0]}"
             raise DlfaInputError(
-                f"no {self.name} {split} file for language {language!r} (languages with {split} files: {found})",
+                f"no {self.name} {split} file for language {language!r} (languages with {split} files: {found}){hint}",
                 path=data_dir,
             )
         if self.one_file_per_language and len(paths) > 1:
@@ -92,6 +149,8 @@ class Task(ABC):
             raise DlfaInputError(
                 f"several {self.name} {split} files for language {language!r} ({names}); keep one", path=data_dir
             )
+        if len(paths) > 1:
+            _refuse_duplicates(paths)
         examples: list = []
         for path in paths:
             examples.extend(self.read_language_file(path, language))

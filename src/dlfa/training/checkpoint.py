@@ -97,7 +97,7 @@ def save_checkpoint(
         "python_random": _jsonable(random.getstate()),
         "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
-    with atomic_path(folder) as tmp:
+    with atomic_path(folder, replace_folder=True) as tmp:
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))

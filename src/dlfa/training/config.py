@@ -1,165 +1,262 @@
-"""The configuration of one fine-tuning run. Fields left as ``None`` take the task's XTREME defaults."""
+"""The configurations of training entry points: one run (``TrainConfig``), a sweep and the demo.
+
+Each is a dataclass that validates itself on construction (see :mod:`dlfa.options`), whatever builds it: the
+command line (generated from these fields), a ``--config`` YAML/JSON file, a sweep or the Python API. Fields left
+as ``None`` in ``TrainConfig`` take the task's XTREME defaults. Checks that need the encoder's own configuration
+(the fused layer against its depth, the length against its positions, the reduction against its width) live in
+:meth:`TrainConfig.check_against_encoder`, which every entry point calls before it writes anything.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dlfa.errors import DlfaInputError
+from dlfa.options import Config, comma_list, int_list, option, optional_int
 
 DEFAULT_MODEL = "embedded:multilingual-e5-small"
-MIXED_PRECISION = ("no", "fp16", "bf16")
 METHODS = ("finetune", "xmixup")
+TASK_NAMES = ("udpos", "panx", "xnli", "pawsx")  # dlfa.tasks.TASKS; kept here so that checking needs no import
 XMIXUP_SCHEDULES = ("inverse_sigmoid", "linear", "constant")
 # X-Mixup options (None: the method's defaults, see dlfa.training.xmixup); only valid with method "xmixup".
 XMIXUP_FIELDS = ("xmixup_parallel", "xmixup_layers", "xmixup_alpha", "xmixup_schedule", "xmixup_schedule_k",
                  "xmixup_kl_weight", "xmixup_mse_weight", "xmixup_lambda_max")
+# Where a run is, not what it is: two configs that differ only here describe the same run (a moved run resumes).
+LOCATION_FIELDS = ("output_dir",)
+MIN_MAX_LENGTH = 8  # room for the special tokens ([CLS] ... [SEP] [SEP] ... [SEP]) and some text
+_LANGUAGE = re.compile(r"[a-z]{2,3}([_-][A-Za-z0-9]+)*")
+_SPLITS = Literal["train", "dev", "test"]
 
 
-@dataclass
-class TrainConfig:
-    task: str = "udpos"
-    model: str = DEFAULT_MODEL
-    data_dir: str = ""
-    output_dir: str = "runs/run"
-    # DLFA: fuse the last layer with this layer (1..N-1); None is the baseline.
-    fuse_layer: int | None = None
-    reduction: int = 4
-    aif_norm: str = "layernorm"
-    # Zero-shot protocol: train and select on train_language; score the target languages.
-    train_language: str = "en"
-    train_split: str = "train"
-    dev_split: str = "dev"
-    languages: list[str] | None = None  # None: every language with an evaluation file
-    # When training and selection read the same file (XNLI/PAWS-X here: English dev), this fraction of it is
-    # held out, by seed, for checkpoint selection and never trained on.
-    dev_holdout: float = 0.1
-    allow_leaky_evaluation: bool = False  # score on the training file's translations anyway (marked)
-    feature_cache: bool = True
+def check_task_name(task: str, option_name: str = "--task") -> None:
+    if task not in TASK_NAMES:
+        raise DlfaInputError(f"unknown task {task!r} (known: {', '.join(sorted(TASK_NAMES))})", option=option_name)
+
+
+def check_languages(languages: list[str] | None, option_name: str = "--languages") -> None:
+    for lang in languages or ():
+        if not _LANGUAGE.fullmatch(lang):
+            raise DlfaInputError(f"not a language code: {lang!r} (expected e.g. de or zh)", option=option_name)
+
+
+@dataclass(kw_only=True)
+class TrainOptions(Config):
+    """Everything of one run that a sweep shares between its cells (the sweep sets task, layer, seed, output)."""
+
+    model: str = option(DEFAULT_MODEL, help="encoder: embedded:multilingual-e5-small, a Hugging Face id, or a local "
+                                            "folder (safetensors weights only)")
+    method: Literal["finetune", "xmixup"] = option(
+        "finetune", help="finetune (English fine-tuning: baseline or DLFA) or xmixup (X-Mixup on parallel pairs, "
+                         "docs/xmixup.md)")
+    reduction: int = option(4, low=1, help="AIF bottleneck ratio r: the gate's branches are H -> H/r -> H")
+    aif_norm: Literal["layernorm", "none"] = option("layernorm", help="normalisation inside the AIF gate's branches")
+    aif_norm_placement: Literal["bottleneck", "mscam"] = option(
+        "bottleneck", help="bottleneck: normalise after the first linear layer of each gate branch; mscam: after both, "
+                           "as MS-CAM does (docs: modeling_dlfa.py)")
+    gate_init: Literal["average", "baseline"] = option(
+        "average", help="AIF gate at the start: average (g = 0.5, the paper) or baseline (g near 1: D_x starts as "
+                        "the baseline and moves toward layer x only where that helps)")
+    train_language: str = option("en", help="the one language trained on and selected on")
+    train_split: _SPLITS = option("train", help="split of the training language's file to train on "
+                                                "(XNLI and PAWS-X in ../shared/data have only dev: use dev)")
+    dev_split: _SPLITS = option("dev", help="split used for checkpoint selection (training language only)")
+    languages: list[str] | None = option(None, parse=comma_list,
+                                         help="comma-separated target languages to score, or all")
+    dev_holdout: float = option(0.1, low=0, high=1, low_open=True, high_open=True,
+                                help="fraction held out for selection when the train and dev split are one file")
+    allow_leaky_evaluation: bool = option(False, help="score the training file's translations anyway; the scores are "
+                                                      "marked leaky in metrics.json and reports")
+    feature_cache: bool = option(True, help="reuse tokenized features cached by an earlier run")
+    scorer: str | None = option(None, help="how predictions are scored (UD-POS: xtreme-2020, seqeval or "
+                                           "accuracy); none = the task's default (`dlfa tasks`)")
+    ud_preprocessing: Literal["xtreme", "raw"] = option(
+        "xtreme", help="UD-POS words: xtreme (XTREME's clean-up: no spaces or zero-width non-joiners inside words) or "
+                       "raw")
     # Optimisation (None: the task's defaults).
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    max_length: int | None = None
-    eval_batch_size: int = 64
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    eval_every: int | None = None  # optimizer steps between English-dev evaluations; None: every epoch
-    checkpoint_every: int | None = None  # steps between resumable checkpoints; None: at each evaluation
-    freeze_embeddings: bool = False  # freeze the (large, multilingual) word-embedding table
-    group_by_length: bool = True
-    # Subsets for quick runs.
-    max_train_examples: int | None = None
-    max_dev_examples: int | None = None
-    max_eval_examples: int | None = None
-    seed: int = 42
-    mixed_precision: str = "no"
-    cpu: bool = False  # force the CPU even when an accelerator is present
-    # Training method: "finetune" (English fine-tuning, the baseline/DLFA recipe) or "xmixup" (X-Mixup on
-    # parallel pairs, dlfa.training.xmixup). The X-Mixup fields below stay None for "finetune".
-    method: str = "finetune"
-    xmixup_parallel: list[str] | None = None  # target languages (paired line by line with English) or files
-    xmixup_layers: list[int] | None = None  # mixing blocks 1..N (default: 1 for pair tasks, 4 for tagging)
-    xmixup_alpha: float | None = None  # source task-loss weight (default 0.4 pair tasks, 0.8 tagging)
-    xmixup_schedule: str | None = None  # scheduled sampling: inverse_sigmoid (default), linear or constant
-    xmixup_schedule_k: float | None = None  # inverse-sigmoid k (default: p = 0.5 at half of training)
-    xmixup_kl_weight: float | None = None  # consistency KL weight (default 1)
-    xmixup_mse_weight: float | None = None  # consistency MSE weight (default 1)
-    xmixup_lambda_max: float | None = None  # lambda_0 (default 0.5)
+    epochs: float | None = option(None, low=0, low_open=True, high=1000,
+                                  help="passes over the training data; none = the task's default")
+    max_steps: int | None = option(None, low=1, help="stop after this many optimizer steps (overrides --epochs)")
+    batch_size: int | None = option(None, low=1, high=65536,
+                                    help="global training batch (all processes together); none = the task's default")
+    learning_rate: float | None = option(None, low=0, high=1, low_open=True,
+                                         help="peak learning rate of AdamW; none = the task's default")
+    max_length: int | None = option(None, low=MIN_MAX_LENGTH, high=65536,
+                                    help="longest input in sub-tokens (longer sentences are split into windows); "
+                                         "none = the task's default")
+    eval_batch_size: int = option(64, low=1, high=65536, help="batch size of English-dev and zero-shot evaluation")
+    weight_decay: float = option(0.01, low=0, high=1, help="AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = option(0.1, low=0, high=1, help="share of the steps with a linear learning-rate warm-up")
+    max_grad_norm: float = option(1.0, low=0, help="gradient clipping norm; 0 = no clipping")
+    gradient_accumulation_steps: int = option(1, low=1, high=4096,
+                                              help="micro-batches per optimizer step (the batch size is split)")
+    eval_every: int | None = option(None, low=1, help="optimizer steps between English-dev evaluations; none = each "
+                                                      "epoch")
+    checkpoint_every: int | None = option(None, low=1, help="steps between resumable checkpoints; none = at each "
+                                                            "evaluation")
+    freeze_embeddings: bool = option(False, help="freeze the word-embedding table (fast on CPU; common for transfer)")
+    group_by_length: bool = option(True, help="batch sentences of similar length together (less padding)")
+    max_train_examples: int | None = option(None, low=1, help="train on the first N examples only")
+    max_dev_examples: int | None = option(None, low=1, help="select on the first N English dev examples only")
+    max_eval_examples: int | None = option(None, low=1, help="score the first N examples of each language only")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", help="accelerate's mixed precision")
+    cpu: bool = option(False, help="stay on the CPU even when an accelerator is present")
+    # X-Mixup (docs/xmixup.md); None: the method's defaults. Only with --method xmixup.
+    xmixup_parallel: list[str] | None = option(
+        None, parse=comma_list, help="X-Mixup pairs: target languages paired line by line with the English training "
+                                     "file (xnli, pawsx), and/or parallel TSV files (LANG=FILE or FILE)")
+    xmixup_layers: list[int] | None = option(None, low=1, parse=int_list,
+                                             help="X-Mixup mixing blocks 1..N, e.g. 1 or 3-4 (none: 1; tagging 4)")
+    xmixup_alpha: float | None = option(None, low=0, high=1, help="X-Mixup source task-loss weight (none: 0.4; "
+                                                                  "tagging 0.8)")
+    xmixup_schedule: Literal["inverse_sigmoid", "linear", "constant"] | None = option(
+        None, help="X-Mixup scheduled sampling (none: inverse_sigmoid)")
+    xmixup_schedule_k: float | None = option(None, low=0, low_open=True, help="inverse-sigmoid k")
+    xmixup_kl_weight: float | None = option(None, low=0, help="X-Mixup consistency KL weight (none: 1)")
+    xmixup_mse_weight: float | None = option(None, low=0, help="X-Mixup consistency MSE weight (none: 1)")
+    xmixup_lambda_max: float | None = option(None, low=0, high=1, low_open=True,
+                                             help="X-Mixup lambda_0, the largest mixing ratio (none: 0.5)")
 
-    def __post_init__(self) -> None:
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise DlfaInputError(
-                f"must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}", option="--mixed-precision"
-            )
-        for name in ("batch_size", "max_length", "max_steps", "eval_every", "checkpoint_every", "max_train_examples",
-                     "max_dev_examples", "max_eval_examples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise DlfaInputError(f"must be a positive integer, got {value}", option="--" + name.replace("_", "-"))
-        if self.epochs is not None and self.epochs <= 0:
-            raise DlfaInputError(f"must be positive, got {self.epochs}", option="--epochs")
-        if not 0 < self.dev_holdout < 1:
-            raise DlfaInputError(f"must be between 0 and 1, got {self.dev_holdout}", option="--dev-holdout")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise DlfaInputError(f"must be positive, got {self.learning_rate}", option="--learning-rate")
-        self._check_method()
-
-    def _check_method(self) -> None:
-        def option(name: str) -> str:
-            return "--" + name.replace("_", "-")
-
-        if self.method not in METHODS:
-            raise DlfaInputError(f"must be one of {', '.join(METHODS)}, got {self.method!r}", option="--method")
+    def check(self) -> None:
+        check_languages(self.languages)
+        check_languages([self.train_language], "--train-language")
         if self.method != "xmixup":
             given = [name for name in XMIXUP_FIELDS if getattr(self, name) is not None]
             if given:
-                raise DlfaInputError("is an X-Mixup option; add --method xmixup", option=option(given[0]))
-            return
-        if not self.xmixup_parallel or not all(isinstance(p, str) and p.strip() for p in self.xmixup_parallel):
+                raise DlfaInputError("is an X-Mixup option; add --method xmixup", option=self.option_name(given[0]))
+        elif not self.xmixup_parallel:
             raise DlfaInputError("X-Mixup needs parallel data: target languages (paired line by line with the "
                                  "English training file) or parallel files", option="--xmixup-parallel")
-        if self.xmixup_layers is not None and (
-            not self.xmixup_layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
-                                          for x in self.xmixup_layers)):
-            raise DlfaInputError(f"must be block numbers >= 1, got {self.xmixup_layers!r}", option="--xmixup-layers")
-        if self.xmixup_alpha is not None and not 0 <= self.xmixup_alpha <= 1:
-            raise DlfaInputError(f"must be between 0 and 1, got {self.xmixup_alpha}", option="--xmixup-alpha")
-        if self.xmixup_schedule is not None and self.xmixup_schedule not in XMIXUP_SCHEDULES:
-            raise DlfaInputError(f"must be one of {', '.join(XMIXUP_SCHEDULES)}, got {self.xmixup_schedule!r}",
-                                 option="--xmixup-schedule")
-        if self.xmixup_schedule_k is not None and self.xmixup_schedule_k <= 0:
-            raise DlfaInputError(f"must be positive, got {self.xmixup_schedule_k}", option="--xmixup-schedule-k")
-        for name in ("xmixup_kl_weight", "xmixup_mse_weight"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise DlfaInputError(f"must be >= 0, got {value}", option=option(name))
-        if self.xmixup_lambda_max is not None and not 0 < self.xmixup_lambda_max <= 1:
-            raise DlfaInputError(f"must be in (0, 1], got {self.xmixup_lambda_max}", option="--xmixup-lambda-max")
+        if self.batch_size is not None and self.batch_size % self.gradient_accumulation_steps:
+            raise DlfaInputError(f"the batch size {self.batch_size} is not a multiple of the "
+                                 f"{self.gradient_accumulation_steps} accumulation steps",
+                                 option="--gradient-accumulation-steps")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainOptions):
+    """One fine-tuning run: train on one language, select on its dev set, score the target languages."""
+
+    task: Literal["udpos", "panx", "xnli", "pawsx"] = option(help="the task (`dlfa tasks` lists them)")
+    data_dir: str = option(help="folder with the task's files (e.g. data/udpos; `dlfa download`)")
+    output_dir: str = option(flag="--output", help="run folder to create (new or empty)")
+    fuse_layer: int | None = option(None, low=1, parse=optional_int,
+                                    help="DLFA: fuse the last layer with layer x, 1..N-1; none = the baseline")
+    seed: int = option(42, low=0, high=2**32 - 1, help="random seed (data order, initialisation, dropout)")
+
+    def check(self) -> None:
+        super().check()
+        if self.scorer is not None:
+            from dlfa.tasks import get_task
+
+            scorers = getattr(get_task(self.task), "scorers", None)
+            if scorers is not None and self.scorer not in scorers:
+                raise DlfaInputError(f"unknown scorer {self.scorer!r} for {self.task} (known: "
+                                     f"{', '.join(sorted(scorers))})", option="--scorer")
 
     def with_task_defaults(self) -> TrainConfig:
         """A copy where every unset optimisation field holds the task's default."""
         from dlfa.tasks import get_task
 
         defaults = get_task(self.task).defaults
-        resolved = dataclasses.replace(self)
-        for name in ("epochs", "batch_size", "learning_rate", "max_length"):
-            if getattr(resolved, name) is None:
-                setattr(resolved, name, getattr(defaults, name))
-        return resolved
+        return dataclasses.replace(self, **{name: getattr(defaults, name)
+                                            for name in ("epochs", "batch_size", "learning_rate", "max_length")
+                                            if getattr(self, name) is None})
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if self.method == "finetune":
-            # Fine-tuning configs read exactly as before the method fields existed, so that earlier run folders
-            # still match their config on --resume and in sweeps (a missing field takes its default).
-            for name in ("method", *XMIXUP_FIELDS):
-                data.pop(name)
+    def check_against_encoder(self, encoder_config: Any) -> None:
+        """The rules that need the encoder: fused layer < N, length within its positions, r within its width."""
+        from dlfa.modeling.modeling_dlfa import encoder_hidden_size, encoder_num_layers, validate_fuse_layer
+
+        validate_fuse_layer(self.fuse_layer, encoder_num_layers(encoder_config))
+        hidden = encoder_hidden_size(encoder_config)
+        if self.reduction > hidden:
+            raise DlfaInputError(f"must be at most the hidden size {hidden} of {self.model}, got {self.reduction}",
+                                 option="--reduction")
+        positions = getattr(encoder_config, "max_position_embeddings", None)
+        # XLM-R-style encoders reserve padding_idx + 1 positions; BERT-style ones none.
+        usable = positions - (getattr(encoder_config, "pad_token_id", 0) + 1
+                              if getattr(encoder_config, "model_type", "") in ("xlm-roberta", "roberta", "camembert")
+                              else 0) if isinstance(positions, int) else None
+        if self.max_length is not None and usable is not None and self.max_length > usable:
+            raise DlfaInputError(f"must be at most {usable}, the positions of {self.model}, got {self.max_length}",
+                                 option="--max-length")
+
+    def run_fields(self) -> dict[str, Any]:
+        """What makes two configs the same run (everything but where the run folder is)."""
+        data = self.to_dict()
+        for name in LOCATION_FIELDS:
+            data.pop(name, None)
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DlfaInputError(f"unknown config field {unknown[0]!r}", path=source)
-        return cls(**data)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DlfaInputError("config file not found", path=path) from None
-        except json.JSONDecodeError as exc:
-            raise DlfaInputError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
-        if not isinstance(data, dict):
-            raise DlfaInputError("a config file holds one JSON object", path=path)
-        return cls.from_dict(data, source=path)
+@dataclass(kw_only=True)
+class SweepConfig(Config):
+    """``dlfa sweep``: tasks x {baseline, D_x} x seeds, each cell an ordinary run folder."""
+
+    tasks: list[str] = option(parse=comma_list, help="comma-separated tasks, e.g. udpos,panx")
+    output_dir: str = option(flag="--output", help="sweep folder; cells are <task>/<model>/<row>/seed-<s>")
+    data_dir: str | None = option(None, help="the task's data folder (one task)")
+    data_root: str | None = option(None, help="folder with one subfolder per task (udpos/, panx/, xnli/, pawsx/)")
+    layers: list[int] | None = option(None, low=1, parse=int_list,
+                                      help="fused layers, e.g. 4,8,11 or 1-11; none = every layer 1..N-1")
+    seeds: list[int] = option(default_factory=lambda: [1, 2, 3], low=0, high=2**32 - 1, parse=int_list,
+                              help="seeds, e.g. 1,2,3 or 1-5")
+    baseline: bool = option(True, help="include the baseline row")
+    parallel: int = option(1, low=1, high=256, help="cells run at once on this machine (separate processes)")
+    ray_address: str | None = option(None, help="run each cell as a Ray task on this cluster ('auto', "
+                                                "'ray://host:10001'); see docs/cluster.md")
+    cpus_per_run: float = option(1.0, low=0, low_open=True, help="CPUs a cell needs (Ray; local: torch threads)")
+    gpus_per_run: float = option(0.0, low=0, help="GPUs a cell needs (Ray)")
+    train: dict[str, Any] = option(default_factory=dict, cli=False, help="TrainOptions fields shared by every cell")
+
+    def check(self) -> None:
+        for task in self.tasks:
+            check_task_name(task, "--tasks")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise DlfaInputError("names a task twice", option="--tasks")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise DlfaInputError("names a seed twice", option="--seeds")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise DlfaInputError("names a layer twice", option="--layers")
+        if (self.data_dir is None) == (self.data_root is None):
+            raise DlfaInputError("give --data-dir for one task or --data-root for several", option="--data-dir")
+        if self.data_dir is not None and len(self.tasks) != 1:
+            raise DlfaInputError("--data-dir is for one task; give --data-root for several", option="--data-dir")
+        if not self.baseline and self.layers is not None and not self.layers:
+            raise DlfaInputError("the sweep has no rows (no layers and no baseline)", option="--layers")
+        unknown = sorted(set(self.train) - TrainOptions.field_names())
+        if unknown:
+            raise DlfaInputError(f"not a per-run option of a sweep: {unknown[0]!r}", option=unknown[0])
+        self.train_options()  # validates the shared options now, not in the first cell
+
+    def train_options(self) -> TrainOptions:
+        return TrainOptions(**self.train)
+
+    def data_dirs(self) -> dict[str, str]:
+        from pathlib import Path
+
+        if self.data_root is not None:
+            return {task: str(Path(self.data_root) / task) for task in self.tasks}
+        return {self.tasks[0]: str(self.data_dir)}
+
+
+@dataclass(kw_only=True)
+class DemoConfig(Config):
+    """``dlfa demo``: baseline against DLFA on the shipped POS sample, on the embedded model."""
+
+    output_dir: str = option("demo-output", flag="--output", help="folder for the demo's runs, table and plot")
+    model: str = option(DEFAULT_MODEL, help="encoder (the embedded model by default)")
+    fuse_layer: int = option(8, low=1, help="the DLFA layer x compared with the baseline (1..N-1)")
+    seeds: list[int] = option(default_factory=lambda: [1, 2], low=0, high=2**32 - 1, parse=int_list,
+                              help="seeds; each trains a baseline and a DLFA model, the table shows the spread")
+    epochs: float = option(6, low=0, low_open=True, high=1000, help="passes over the ~320 training sentences")
+    batch_size: int = option(16, low=1, high=65536, help="training batch")
+    learning_rate: float = option(1e-4, low=0, high=1, low_open=True, help="peak learning rate")
+    freeze_embeddings: bool = option(True, help="freeze the 96M-parameter word-embedding table (fast on CPU)")
+    overwrite: bool = option(False, help="replace an earlier demo output (only a folder made by dlfa demo)")
+
+    def check(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise DlfaInputError("names a seed twice", option="--seeds")

@@ -11,9 +11,11 @@ half-written file; a run whose ``metrics.json`` is missing did not finish.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import random
 import shutil
@@ -31,11 +33,12 @@ from dlfa.data.cache import FeatureCache, cache_key
 from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.evaluation.guard import check_honest_evaluation
-from dlfa.io import atomic_path, write_json_atomic
-from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers, validate_fuse_layer
+from dlfa.io import CHECKSUMS_NAME as CHECKPOINT_CHECKSUMS
+from dlfa.io import atomic_path, check_new_output, recover_folder, write_json_atomic
+from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers
 from dlfa.tasks import get_task
 from dlfa.training.checkpoint import load_checkpoint, save_checkpoint
-from dlfa.training.config import TrainConfig
+from dlfa.training.config import LOCATION_FIELDS, TrainConfig
 
 logger = logging.getLogger("dlfa")
 
@@ -44,6 +47,9 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
 CHECKPOINT_DIR = "checkpoint"
+FAILED_FILE = "failed.json"
+# Everything a run writes into its folder: --overwrite removes these (and nothing else) before it trains again.
+RUN_ARTEFACTS = (BEST_DIR, METRICS_FILE, CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FAILED_FILE)
 
 
 def load_tokenizer(model_path: str):
@@ -70,7 +76,8 @@ class FinetuneRecipe:
     def __init__(
         self, config: TrainConfig, overwrite: bool = False, show_progress: bool = True, resume: bool = False
     ) -> None:
-        self.config = config.with_task_defaults()
+        # The data folder is recorded absolute: evaluating or resuming from another directory reads the same files.
+        self.config = dataclasses.replace(config.with_task_defaults(), data_dir=os.path.abspath(config.data_dir))
         self.overwrite = overwrite
         self.resume = resume
         self.resume_from: Path | None = None
@@ -91,8 +98,7 @@ class FinetuneRecipe:
             raise DlfaInputError(f"{type(self).__name__} runs method {self.training_method!r}, not {cfg.method!r} "
                                  "(`dlfa train` picks the recipe of each method)", option="--method")
         self.task = task = get_task(cfg.task)
-        if not cfg.data_dir:
-            raise DlfaInputError("a data folder is required", option="--data-dir")
+        task.check_data_dir(cfg.data_dir)
         self.languages = task.resolve_languages(cfg.data_dir, cfg.languages, option="--languages")
         self.leaky_languages = check_honest_evaluation(
             task, cfg.data_dir, cfg.train_language, cfg.train_split, self.languages, task.eval_split,
@@ -104,10 +110,11 @@ class FinetuneRecipe:
         self.model_path = resolve_model(cfg.model)
         try:
             encoder_config = AutoConfig.from_pretrained(self.model_path)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise DlfaInputError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}", option="--model") from None
         self.num_layers = encoder_num_layers(encoder_config)
-        validate_fuse_layer(cfg.fuse_layer, self.num_layers)
+        cfg.check_against_encoder(encoder_config)
+        check_safetensors_weights(self.model_path)
 
         self.tokenizer = load_tokenizer(self.model_path)
         train_examples, dev_examples = self._read_train_and_dev()
@@ -117,7 +124,7 @@ class FinetuneRecipe:
         }
 
         # Inputs are good: from here on we write.
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_output_dir()
         self._start_logging()
         set_seed(cfg.seed)
         self.accelerator = Accelerator(
@@ -176,7 +183,7 @@ class FinetuneRecipe:
         return self.collator
 
     def _build_model(self, dlfa_config: DLFAConfig) -> torch.nn.Module:
-        model = DLFAModel.from_encoder(dlfa_config, self.model_path)
+        model = load_pretrained(lambda: DLFAModel.from_encoder(dlfa_config, self.model_path), self.config.model)
         if self.config.freeze_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         return model
@@ -191,19 +198,44 @@ class FinetuneRecipe:
                 "fuse_layer": self.config.fuse_layer}
 
     def _check_output_dir(self) -> None:
-        """A new run needs an empty folder; ``resume`` continues a run of the same config from its checkpoint."""
+        """A new run needs a new or empty folder; ``resume`` continues a run of the same config from its checkpoint.
+
+        ``overwrite`` trains again in a folder that holds a dlfa run, never in another folder: the run's own files
+        are removed (:data:`RUN_ARTEFACTS`), nothing else.
+        """
         out = self.output_dir
+        check_new_output(out, "--output", allow_existing_folder=True)
+        self._created_output = not out.exists()
         if not (out.exists() and any(out.iterdir())):
             return
+        saved = _saved_run(out)
+        if saved is None:
+            raise DlfaInputError(f"{out} is not empty and holds no dlfa run; choose a new or empty folder",
+                                 option="--output")
         if self.resume:
-            saved = _saved_config(out)
-            if saved is not None and saved != self.config.to_dict():
+            if saved != self.config.run_fields():
                 raise DlfaInputError(f"{out} holds a run with another configuration; cannot resume it", option="--output")
+            recover_folder(out / CHECKPOINT_DIR, lambda p: (p / CHECKPOINT_CHECKSUMS).is_file())
+            recover_folder(out / BEST_DIR, lambda p: (p / CHECKPOINT_CHECKSUMS).is_file())
             if (out / CHECKPOINT_DIR / "state.json").is_file():
                 self.resume_from = out / CHECKPOINT_DIR
             return
         if not self.overwrite:
-            raise DlfaInputError(f"{out} exists and is not empty (pass --overwrite, or --resume)", option="--output")
+            state = "a failed run" if (out / FAILED_FILE).is_file() else "a dlfa run"
+            raise DlfaInputError(f"{out} holds {state} (pass --resume to continue it, or --overwrite to train again)",
+                                 option="--output")
+
+    def _prepare_output_dir(self) -> None:
+        out = self.output_dir
+        if self.overwrite and not self.resume:
+            for name in RUN_ARTEFACTS:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FAILED_FILE).unlink(missing_ok=True)  # a resumed run is no longer a failed one
 
     def _holdout_tag(self) -> str:
         cfg = self.config
@@ -259,7 +291,7 @@ class FinetuneRecipe:
         import transformers
 
         resolved = {
-            "config": self.config.to_dict(),
+            "config": {k: v for k, v in self.config.to_dict().items() if k not in LOCATION_FIELDS},
             "resolved": {
                 "model_path": self.model_path,
                 "num_layers": self.num_layers,
@@ -299,57 +331,63 @@ class FinetuneRecipe:
         steps_per_epoch = max(1, math.ceil(len(self.loader) / cfg.gradient_accumulation_steps))
         progress = tqdm(total=self.total_steps, initial=loop["step"], desc="train",
                         disable=not (self.show_progress and accelerator.is_main_process))
-        self.model.train()
-        while loop["step"] < self.total_steps:
-            skip = 0
-            if resume_rng is not None and loop["batches_done"]:
-                # Same epoch as the checkpoint: replay its batch order and skip what was trained on.
-                self.sampler_generator.set_state(torch.tensor(loop["epoch_sampler_state"], dtype=torch.uint8))
-                skip = loop["batches_done"]
-            else:
-                loop["epoch"] += 1
-                loop["batches_done"] = 0
-                loop["epoch_sampler_state"] = self.sampler_generator.get_state().tolist()
-            batches = iter(self.loader)
-            for _ in range(skip):
-                next(batches)
-            if resume_rng is not None:
-                torch.set_rng_state(resume_rng)  # creating the iterator may draw from the global generator
-                resume_rng = None
-            for batch in batches:
-                with accelerator.accumulate(self.model):
-                    loss = self.training_loss(batch, loop["step"])
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
-                loop["batches_done"] += 1
-                loop["running_loss"] += loss.detach().float().item()
-                loop["loss_count"] += 1
-                if not accelerator.sync_gradients:
-                    continue
-                loop["step"] += 1
-                step = loop["step"]
-                progress.update(1)
-                progress.set_postfix(loss=f"{loop['running_loss'] / loop['loss_count']:.4f}", epoch=loop["epoch"])
-                end_of_epoch = step % steps_per_epoch == 0
-                select = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
-                if select or step == self.total_steps:
-                    self._select(step, loop["epoch"], loop["running_loss"] / max(loop["loss_count"], 1))
-                    loop["running_loss"], loop["loss_count"] = 0.0, 0
-                    loop["best"] = self.best
-                if step < self.total_steps and (
-                    (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (select and not cfg.checkpoint_every)
-                ):
-                    loop["train_seconds"] = time.time() - started
-                    self._checkpoint(loop)
-                if step >= self.total_steps:
-                    break
-            else:
-                loop["batches_done"] = 0
-        progress.close()
+        try:
+            self.model.train()
+            while loop["step"] < self.total_steps:
+                skip = 0
+                if resume_rng is not None and loop["batches_done"]:
+                    # Same epoch as the checkpoint: replay its batch order and skip what was trained on.
+                    self.sampler_generator.set_state(torch.tensor(loop["epoch_sampler_state"], dtype=torch.uint8))
+                    skip = loop["batches_done"]
+                else:
+                    loop["epoch"] += 1
+                    loop["batches_done"] = 0
+                    loop["epoch_sampler_state"] = self.sampler_generator.get_state().tolist()
+                batches = iter(self.loader)
+                for _ in range(skip):
+                    next(batches)
+                if resume_rng is not None:
+                    torch.set_rng_state(resume_rng)  # creating the iterator may draw from the global generator
+                    resume_rng = None
+                for batch in batches:
+                    with accelerator.accumulate(self.model):
+                        loss = self.training_loss(batch, loop["step"])
+                        if not torch.isfinite(loss.detach()).all():
+                            # Training on would only report the metrics of a broken model.
+                            raise DlfaInputError(f"training diverged: the loss is {loss.item()} at step {loop['step'] + 1} "
+                                                 "(try a lower learning rate)", option="--learning-rate")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    loop["batches_done"] += 1
+                    loop["running_loss"] += loss.detach().float().item()
+                    loop["loss_count"] += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    loop["step"] += 1
+                    step = loop["step"]
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loop['running_loss'] / loop['loss_count']:.4f}", epoch=loop["epoch"])
+                    end_of_epoch = step % steps_per_epoch == 0
+                    select = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
+                    if select or step == self.total_steps:
+                        self._select(step, loop["epoch"], loop["running_loss"] / max(loop["loss_count"], 1))
+                        loop["running_loss"], loop["loss_count"] = 0.0, 0
+                        loop["best"] = self.best
+                    if step < self.total_steps and (
+                        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (select and not cfg.checkpoint_every)
+                    ):
+                        loop["train_seconds"] = time.time() - started
+                        self._checkpoint(loop)
+                    if step >= self.total_steps:
+                        break
+                else:
+                    loop["batches_done"] = 0
+        finally:
+            progress.close()  # before any error message: a bar left open would swallow its line
         self.train_seconds = time.time() - started
         logger.info("training done in %.1fs; best English dev %s %.2f at step %d", self.train_seconds,
                     self.task.primary_metric, self.best["score"], self.best["step"])
@@ -377,7 +415,7 @@ class FinetuneRecipe:
                         self.config.train_language, self.task.primary_metric, score, " (best)" if improved else "")
             if improved:
                 self.best = record
-                with atomic_path(self.output_dir / BEST_DIR) as tmp:
+                with atomic_path(self.output_dir / BEST_DIR, replace_folder=True) as tmp:
                     model.save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
         accelerator.wait_for_everyone()
@@ -438,8 +476,8 @@ class FinetuneRecipe:
         path = self.output_dir / METRICS_FILE
         if not path.is_file():
             return None
-        saved = _saved_config(self.output_dir)
-        if saved is not None and saved != self.config.to_dict():
+        saved = _saved_run(self.output_dir)
+        if saved is not None and saved != self.config.run_fields():
             raise DlfaInputError(f"{self.output_dir} holds a run with another configuration", option="--output")
         return json.loads(path.read_text(encoding="utf-8"))
 
@@ -450,21 +488,42 @@ class FinetuneRecipe:
             self._log_handler = None
 
     def run(self) -> dict[str, Any]:
+        """setup, train, evaluate. A run that fails before it starts leaves no folder; one that fails (or is
+        interrupted) after it started keeps its folder, marked with ``failed.json``, and ``--resume`` continues it."""
         if self.resume:
             done = self.finished_result()
             if done is not None:
                 logger.info("%s already finished; skipping", self.output_dir)
                 return done
+        started = False
         try:
             self.setup()
+            started = True
             self.train()
             result = self.evaluate()
             if self.accelerator.is_main_process:
                 # The run is complete: the resumption state (weights + optimizer moments) is no longer needed.
                 shutil.rmtree(self.output_dir / CHECKPOINT_DIR, ignore_errors=True)
             return result
+        except BaseException as exc:
+            if not started and getattr(self, "_created_output", False):
+                shutil.rmtree(self.output_dir, ignore_errors=True)  # ours, made in this call, holds no work yet
+            elif started:
+                self._mark_failed(exc)
+            raise
         finally:
             self.cleanup()
+
+    def _mark_failed(self, exc: BaseException) -> None:
+        if not getattr(self, "accelerator", None) or not self.accelerator.is_main_process:
+            return
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc).splitlines() or [""])[0]
+        record = {"error": type(exc).__name__, "message": reason,
+                  "resumable": (self.output_dir / CHECKPOINT_DIR / "state.json").is_file()}
+        try:
+            write_json_atomic(self.output_dir / FAILED_FILE, record)
+        except OSError:  # a full disk may be why the run failed; the original error is what matters
+            pass
 
 
 def recipe_class(method: str) -> type[FinetuneRecipe]:
@@ -476,9 +535,37 @@ def recipe_class(method: str) -> type[FinetuneRecipe]:
     return FinetuneRecipe
 
 
-def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+def _saved_run(run_dir: Path) -> dict[str, Any] | None:
+    """The run fields of the config saved in a run folder (older dlfa versions' too), or None if there is none."""
     try:
-        return json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
+        saved = {k: v for k, v in saved.items() if k not in LOCATION_FIELDS}
+        return TrainConfig.from_dict({**saved, "output_dir": str(run_dir)}).run_fields()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DlfaInputError):
         return None
 
+
+def load_pretrained(load, name: str):
+    """``load()``, with a damaged or unreadable encoder (truncated weights, a bad header) as one line on --model."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except DlfaInputError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+        message = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise DlfaInputError(f"cannot load the weights of {name!r} ({message})", option="--model") from None
+
+
+def check_safetensors_weights(model_path: str) -> None:
+    """A local encoder folder must hold safetensors weights: dlfa never unpickles a third party's file."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return  # a hub id: loaded with use_safetensors=True, which refuses pickle-only repositories
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        found = f"only {', '.join(pickles)} (pickle)" if pickles else "no weights"
+        raise DlfaInputError(f"{folder} holds {found}; dlfa loads safetensors weights only (convert them with "
+                             "transformers' save_pretrained(..., safe_serialization=True) in a trusted environment)",
+                             option="--model")

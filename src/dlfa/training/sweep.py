@@ -17,38 +17,25 @@ Cells run one after another by default, ``--parallel K`` runs K at once in separ
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import logging
 import os
 import re
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from dlfa.errors import DlfaInputError
-from dlfa.training.config import TrainConfig
+from dlfa.training.config import SweepConfig, TrainConfig
 
 logger = logging.getLogger("dlfa")
 
-
-@dataclass
-class SweepConfig:
-    tasks: list[str]
-    data_dirs: dict[str, str]  # task -> data folder
-    output_dir: str
-    model: str
-    layers: list[int] | None = None  # None: every valid layer 1..N-1
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
-    include_baseline: bool = True
-    train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # any TrainConfig field
-    parallel: int = 1
-    ray_address: str | None = None
-    cpus_per_run: float = 1.0
-    gpus_per_run: float = 0.0
+__all__ = ["SweepConfig", "cell_dir", "plan_cells", "run_cell", "run_sweep"]
 
 
 def model_slug(model: str) -> str:
@@ -68,90 +55,193 @@ def cell_dir(output: str | Path, task: str, model: str, fuse_layer: int | None, 
 
 
 def plan_cells(sweep: SweepConfig) -> list[TrainConfig]:
-    """Every cell's TrainConfig, checked up front so that a bad grid fails before any run starts."""
+    """Every cell's TrainConfig, checked up front (data folders, languages, layers against the encoder), so that
+    a bad grid fails before any cell runs."""
     from transformers import AutoConfig
 
-    from dlfa.modeling.modeling_dlfa import encoder_num_layers, validate_fuse_layer
+    from dlfa.modeling.modeling_dlfa import encoder_num_layers
     from dlfa.modeling.modeling_xmixup import validate_xmixup_layers
     from dlfa.tasks import get_task
     from dlfa.training.recipe import resolve_model
     from dlfa.training.xmixup import resolve_xmixup_defaults
 
-    num_layers = encoder_num_layers(AutoConfig.from_pretrained(resolve_model(sweep.model)))
+    options = sweep.train_options()
+    try:
+        encoder_config = AutoConfig.from_pretrained(resolve_model(options.model))
+    except (OSError, ValueError) as exc:
+        raise DlfaInputError(f"cannot load model {options.model!r}: {str(exc).splitlines()[0]}", option="--model") from None
+    num_layers = encoder_num_layers(encoder_config)
     layers = sweep.layers if sweep.layers is not None else list(range(1, num_layers))
-    for layer in layers:
-        validate_fuse_layer(layer, num_layers, option="--layers")
-    rows: list[int | None] = ([None] if sweep.include_baseline else []) + list(layers)
+    rows: list[int | None] = ([None] if sweep.baseline else []) + list(layers)
     if not rows:
         raise DlfaInputError("the sweep has no rows (no layers and no baseline)", option="--layers")
-    method = sweep.train_overrides.get("method") or "finetune"
+    data_dirs = sweep.data_dirs()
     cells = []
-    for task in sweep.tasks:
-        head = get_task(task).head
-        if task not in sweep.data_dirs:
-            raise DlfaInputError(f"no data folder for task {task!r}", option="--data-dir")
+    for task_name in sweep.tasks:
+        task = get_task(task_name, option="--tasks")
+        task.check_data_dir(data_dirs[task_name], option="--data-root" if sweep.data_root else "--data-dir")
+        task.resolve_languages(data_dirs[task_name], options.languages, option="--languages")
         for fuse_layer in rows:
             for seed in sweep.seeds:
-                fields = {**sweep.train_overrides, "task": task, "model": sweep.model,
-                          "data_dir": sweep.data_dirs[task], "fuse_layer": fuse_layer, "seed": seed,
-                          "output_dir": str(cell_dir(sweep.output_dir, task, sweep.model, fuse_layer, seed, method))}
-                cells.append(TrainConfig.from_dict(fields))
-                if method == "xmixup":  # the mixing blocks (given or the task's default) must fit the encoder
-                    validate_xmixup_layers(resolve_xmixup_defaults(cells[-1], head).xmixup_layers, num_layers)
+                out = cell_dir(sweep.output_dir, task_name, options.model, fuse_layer, seed, options.method)
+                try:
+                    cell = TrainConfig(**sweep.train, task=task_name, data_dir=data_dirs[task_name],
+                                       fuse_layer=fuse_layer, seed=seed, output_dir=str(out))
+                    cell.with_task_defaults().check_against_encoder(encoder_config)
+                except DlfaInputError as exc:
+                    if exc.option == "--fuse-layer":
+                        raise DlfaInputError(exc.message, option="--layers") from None
+                    raise
+                cells.append(cell)
+                if options.method == "xmixup":  # the mixing blocks (given or the task's default) must fit the encoder
+                    validate_xmixup_layers(resolve_xmixup_defaults(cell, task.head).xmixup_layers, num_layers)
     return cells
 
 
 def run_cell(config: dict[str, Any], show_progress: bool = False, torch_threads: int | None = None) -> dict[str, Any]:
-    """Run (or resume, or skip) one cell under its lock. Returns a status record."""
-    from dlfa.training.recipe import recipe_class
-
-    if torch_threads:
-        import torch
-
-        torch.set_num_threads(torch_threads)
+    """Run (or resume, or skip) one cell under its lock. Returns a status record; a failure is recorded, not raised,
+    so that one bad cell does not stop the sweep."""
+    started = time.time()
     cfg = TrainConfig.from_dict(config)
     run_dir = Path(cfg.output_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir.parent / f"{run_dir.name}.lock"
-    with open(lock_path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return {"run_dir": str(run_dir), "status": "busy"}
-        recipe = recipe_class(cfg.method)(cfg, show_progress=show_progress, resume=True)
-        if recipe.finished_result() is not None:
-            return {"run_dir": str(run_dir), "status": "finished before"}
-        resumed = (run_dir / "checkpoint" / "state.json").is_file()
-        result = recipe.run()
-        score = result["average"][result["primary_metric"]]
-        return {"run_dir": str(run_dir), "status": "resumed" if resumed else "trained", "score": score}
+    record: dict[str, Any] = {"run_dir": str(run_dir)}
+    try:
+        from dlfa.training.recipe import recipe_class
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = run_dir.parent / f"{run_dir.name}.lock"
+        with open(lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return {**record, "status": "busy"}
+            recipe = recipe_class(cfg.method)(cfg, show_progress=show_progress, resume=True)
+            if recipe.finished_result() is not None:
+                return {**record, "status": "finished before"}
+            resumed = (run_dir / "checkpoint" / "state.json").is_file()
+            result = recipe.run()
+            record.update(status="resumed" if resumed else "trained", score=result["average"][result["primary_metric"]])
+    except (DlfaInputError, OSError, RuntimeError, ValueError, MemoryError) as exc:
+        record.update(status="failed", error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+    record["seconds"] = time.time() - started
+    return record
 
 
-def _run_local(cells: Sequence[TrainConfig], parallel: int) -> list[dict[str, Any]]:
+def _exit_with_parent(parent: int) -> None:
+    """In a worker process: stop when the sweep's parent process is gone (even after a kill -9)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run_local(cells: Sequence[TrainConfig], parallel: int, threads: int) -> Iterator[dict[str, Any]]:
     configs = [c.to_dict() for c in cells]
     if parallel <= 1:
-        return [run_cell(c, show_progress=True) for c in configs]
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
+        for config in configs:
+            yield run_cell(config, show_progress=True)
+        return
+    pool = ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(run_cell, c, False, threads) for c in configs]
-        return [f.result() for f in futures]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in list(getattr(pool, "_processes", {}).values()):  # interrupted: stop the running cells now
+            if process.is_alive():
+                process.terminate()
 
 
-def _run_ray(cells: Sequence[TrainConfig], address: str, cpus: float, gpus: float) -> list[dict[str, Any]]:
+def _connect_ray(address: str):
     try:
         import ray
     except ImportError:
         raise DlfaInputError("Ray is not installed (pip install 'dlfa[ray]')", option="--ray-address") from None
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
-    remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(run_cell)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+            message = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DlfaInputError(f"cannot reach a Ray cluster at {address!r} ({message}); start one with `ray start "
+                                 "--head` (docs/cluster.md)", option="--ray-address") from None
+    return ray
+
+
+def _run_ray(cells: Sequence[TrainConfig], ray, cpus: float, gpus: float) -> Iterator[dict[str, Any]]:
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(run_cell)
     threads = max(1, int(cpus))
-    return ray.get([remote.remote(c.to_dict(), False, threads) for c in cells])
+    pending = [remote.remote(c.to_dict(), False, threads) for c in cells]
+    try:
+        while pending:  # results as they finish, not in submission order
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
-def run_sweep(sweep: SweepConfig) -> list[dict[str, Any]]:
+class SweepProgress:
+    """One line per cell: i/N, its status, its score or error, and an ETA from the cells trained so far."""
+
+    def __init__(self, total: int, parallel: int, output: str, echo: Callable[[str], None]) -> None:
+        self.total, self.parallel, self.output, self.echo = total, max(parallel, 1), Path(output), echo
+        self.done, self.started = 0, time.time()
+        self.durations: list[float] = []
+
+    def report(self, record: dict[str, Any]) -> None:
+        self.done += 1
+        if record["status"] in ("trained", "resumed"):
+            self.durations.append(record["seconds"])
+        remaining = self.total - self.done
+        eta = ""
+        if remaining and self.durations:
+            eta = f" | ETA {_duration(statistics.fmean(self.durations) * remaining / self.parallel)}"
+        try:
+            cell = str(Path(record["run_dir"]).relative_to(self.output))
+        except ValueError:
+            cell = record["run_dir"]
+        detail = f" {record['score']:.2f}" if "score" in record else ""
+        if record["status"] == "failed":
+            detail = f" {record['error']}"
+        self.echo(f"[{self.done}/{self.total}] {record['status']:<15} {cell}{detail}"
+                  f" | {_duration(time.time() - self.started)} elapsed{eta}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every cell (skipping finished ones); a failed cell is recorded and the sweep goes on.
+
+    Returns ``{"cells": [records], "failed": [records], "counts": {status: n}}``."""
     cells = plan_cells(sweep)
-    logger.info("sweep: %d cells into %s", len(cells), sweep.output_dir)
-    if sweep.ray_address:
-        return _run_ray(cells, sweep.ray_address, sweep.cpus_per_run, sweep.gpus_per_run)
-    return _run_local(cells, sweep.parallel)
+    ray = _connect_ray(sweep.ray_address) if sweep.ray_address else None
+    echo(f"sweep: {len(cells)} cells into {sweep.output_dir}" + (f" on Ray at {sweep.ray_address}" if ray else
+                                                                   f", {sweep.parallel} at a time"))
+    progress = SweepProgress(len(cells), sweep.parallel if ray is None else len(cells), sweep.output_dir, echo)
+    threads = max(1, (os.cpu_count() or 1) // sweep.parallel)  # the machine's cores shared by the cells at once
+    records = []
+    stream = (_run_ray(cells, ray, sweep.cpus_per_run, sweep.gpus_per_run) if ray is not None
+              else _run_local(cells, sweep.parallel, threads))
+    for record in stream:
+        records.append(record)
+        progress.report(record)
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    failed = [r for r in records if r["status"] == "failed"]
+    echo("sweep done: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+         + ("; failed cells (their folders keep failed.json; run the sweep again to retry): "
+            + "; ".join(r["run_dir"] for r in failed) if failed else ""))
+    return {"cells": records, "failed": failed, "counts": counts}
