@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _required(command: str, tmp: Path) -> list[str]:
 def _bad_values(annotation, spec) -> list[str]:
     """Command-line strings that the field must refuse."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)][0]
         return _bad_values(inner, spec)
     if origin is typing.Literal:
