@@ -7,6 +7,7 @@ one stderr line and no traceback. Nothing of the user's is touched and nothing d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
@@ -131,6 +132,19 @@ def test_unsafe_tar_members_are_refused(tmp_path, capsys, member, problem):
     assert "never extracted" in line
     assert _entries(tmp_path / "out") == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["en.tar.gz"]  # nothing extracted anywhere
+
+
+def test_archive_that_is_a_device_or_fifo_is_refused(tmp_path, capsys):
+    # Reading /dev/zero as an archive would never end.
+    _refused(capsys, ["panx", "--output", str(tmp_path / "out"), "--archive", "/dev/zero"],
+             "/dev/zero: archive is not a regular file")
+    folder = tmp_path / "langs"
+    folder.mkdir()
+    (folder / "de.tar.gz").write_bytes(panx_language("de"))
+    os.mkfifo(folder / "en.tar.gz")
+    _refused(capsys, ["panx", "--output", str(tmp_path / "out"), "--archive", str(folder)],
+             f"{folder / 'en.tar.gz'}: archive is not a regular file")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("name", "problem"), [
@@ -397,10 +411,12 @@ def test_symlink_loops_are_one_line(server, tmp_path, capsys, monkeypatch):
     _refused(capsys, ["pawsx", "--output", str(dangling)], f"{dangling}: is a symbolic link to a missing path")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 def test_permission_denied_is_one_line(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):  # root with CAP_DAC_OVERRIDE (try: setpriv --bounding-set -dac_override ...)
+        locked.chmod(0o755)
+        pytest.skip("this process ignores file permissions")
     try:
         _refused(capsys, ["pawsx", "--output", str(locked / "data")],
                  f"{locked}: cannot write here: permission denied", api={"task": "pawsx", "output": locked / "data"})
@@ -511,6 +527,35 @@ def test_full_disk_while_converting_changes_nothing(tmp_path, capsys, monkeypatc
                     "cannot write the converted file: no space left on the device; nothing was changed")
     assert str(out / "panx") in line and ".tmp" not in line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no leftovers, no changes
+
+
+def test_full_disk_when_staging_or_recording(tmp_path, capsys, monkeypatch):
+    archive = tmp_path / "en.tar.gz"
+    archive.write_bytes(panx_language("en"))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    @contextlib.contextmanager
+    def no_space(target):  # dlfa.io.atomic_path failing to stage the task folder
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        yield
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dl, "atomic_path", no_space)
+        _refused(capsys, ["panx", "--output", str(out), "--archive", str(archive)],
+                 f"{out}: file system error: no space left on the device")
+    assert _entries(out) == []
+    real_write = dl.write_json_atomic
+
+    def checksums_fail(path, data):
+        if Path(path).name == "checksums.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(dl, "write_json_atomic", checksums_fail)
+    _refused(capsys, ["panx", "--output", str(out), "--archive", str(archive)],
+             f"{out / 'checksums.json'}: {out / 'panx'} is complete, but the checksums could not be recorded: no "
+             "space left on the device")
 
 
 # -- real file systems: a tiny tmpfs in a private mount namespace (Linux, where unprivileged namespaces work) ------

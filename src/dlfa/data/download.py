@@ -262,8 +262,8 @@ def download(
                 except OSError as exc:
                     raise _os_error(exc, target / PROVENANCE_FILE, "cannot write") from None
         except OSError as exc:
-            # Whatever the file system refused (creating the task folder, renaming it into place, ...).
-            raise _os_error(exc, exc.filename or target, "cannot write the converted data") from None
+            # Whatever else the file system refused (creating the staged task folder, renaming it into place, ...).
+            raise _os_error(exc, exc.filename or target, "file system error") from None
     except BaseException:
         _prune_empty(output / DOWNLOADS_DIR, output if created_output else None)
         raise
@@ -443,7 +443,10 @@ def _download_verified(source: Source, url: str, output: Path, expected: str | N
             _fetch(url, part, cap, opts)
         digest = _sha256(part)
         if expected is None or digest == expected:
-            os.replace(part, final)
+            try:
+                os.replace(part, final)
+            except OSError as exc:
+                raise _os_error(exc, final, "cannot move the verified download into place") from None
             return final, digest
         part.unlink(missing_ok=True)
         if not resumed:
@@ -684,7 +687,7 @@ def _check_archive_file(path: Path) -> None:
     if found is None:
         raise DlfaInputError("archive not found", path=path)
     if not stat.S_ISREG(found.st_mode):
-        raise DlfaInputError("archive is not a file", path=path)
+        raise DlfaInputError("archive is not a regular file (a folder, device or FIFO)", path=path)
 
 
 def _sha256(path: Path) -> str:
@@ -1313,6 +1316,7 @@ def _panx_language_archives(paths: Sequence[Path]) -> Iterator[_PanxArchive]:
             if not files:
                 raise DlfaInputError("no <lang>.tar.gz files in the folder", path=path)
             for file in files:
+                _check_archive_file(file)  # not a FIFO or a device named like an archive
                 with _open_archive_file(file) as (stream, size):
                     yield _PanxArchive(_PANX_ARCHIVE.fullmatch(file.name)["lang"], str(file), stream, size, None)
             continue
