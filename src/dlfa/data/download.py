@@ -705,16 +705,6 @@ _READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
-class _Member(NamedTuple):
-    """A regular file of an archive: its name, a stream of its bytes (valid until the next member), its size
-    and the decompression budget of its archive (which an archive nested in it also draws on)."""
-
-    name: str
-    stream: IO[bytes]
-    size: int
-    budget: _Budget
-
-
 class _Budget:
     """The bytes an archive may decompress to: :data:`MAX_EXPANSION` times its size, at least the floor.
 
@@ -743,6 +733,16 @@ class _Budget:
             self.parent.check(ahead, member)
 
 
+class _Member(NamedTuple):
+    """A regular file of an archive: its name, a stream of its bytes (valid until the next member), its size
+    and the decompression budget of its archive (which an archive nested in it also draws on)."""
+
+    name: str
+    stream: IO[bytes]
+    size: int
+    budget: _Budget
+
+
 class _Counted:
     """A decompressed stream whose every byte is charged to a budget (tar headers and skipped members too)."""
 
@@ -768,7 +768,7 @@ class _GuardedTarInfo(tarfile.TarInfo):
     _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                    tarfile.GNUTYPE_LONGLINK)
 
-    def _proc_member(self, tarfile):  # noqa: ANN001 - tarfile's own signature
+    def _proc_member(self, tarfile):  # tarfile's own signature, hence no annotations
         if self.type in self._META_TYPES and self.size > MAX_TAR_HEADER:
             raise _HeaderTooLarge(f"a {self.size}-byte extended header (more than {MAX_TAR_HEADER}): refused")
         return super()._proc_member(tarfile)
