@@ -7,12 +7,14 @@ path, and the CLI's one-line errors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import tarfile
 import threading
 import zipfile
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -152,7 +154,10 @@ class _State:
         self.status_later: dict[str, int] = {}  # file -> HTTP status returned after its first request
         self.truncate: dict[str, int] = {}  # file -> number of responses still to cut in half
         self.ignore_range: set[str] = set()
+        self.forever: set[str] = set()  # files sent without a length, followed by zeros until the client stops
+        self.announce: dict[str, int] = {}  # file -> Content-Length announced instead of the true one
         self.requests: list[tuple[str, str | None]] = []  # (file, Range header)
+        self.sent: dict[str, int] = {}  # file -> bytes written in its last response
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,6 +181,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = state.files[name]
+        if name in state.forever:
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body ends when the connection closes
+            state.sent[name] = 0
+            try:
+                self.wfile.write(data)
+                state.sent[name] = len(data)
+                for _ in range(4096):  # at most 256 MiB more, in case the client never stops reading
+                    self.wfile.write(bytes(65536))
+                    state.sent[name] += 65536
+            except OSError:  # the client hung up
+                pass
+            return
         start = 0
         if range_header and name not in state.ignore_range:
             start = int(range_header.removeprefix("bytes=").split("-")[0])
@@ -189,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(state.announce.get(name, len(body))))
         self.end_headers()
         if state.truncate.get(name, 0) > 0:
             state.truncate[name] -= 1
@@ -197,9 +215,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def server():
+@contextlib.contextmanager
+def serve_http() -> Iterator[ThreadingHTTPServer]:
+    """A local HTTP server on 127.0.0.1 whose behaviour the test sets through ``httpd.state``."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
     httpd.state = _State()  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
@@ -209,6 +229,12 @@ def server():
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def server():
+    with serve_http() as httpd:
+        yield httpd
 
 
 def _base(httpd) -> str:

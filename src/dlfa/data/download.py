@@ -15,15 +15,33 @@ What makes it safe to interrupt and re-run:
 
 HTTP uses only the standard library (urllib). ``DLFA_DOWNLOAD_MIRROR`` (or ``base_url``) fetches the archives
 by file name from another server, e.g. a local mirror; the checksums still apply.
+
+What keeps a bad mirror or a crafted archive from filling the disk or the memory (each refusal is one
+:class:`DlfaInputError` line naming the URL, archive, member or line):
+
+* a download may not grow beyond the release's published size (or the size recorded on first use, or
+  :data:`UNKNOWN_SIZE_CAP` when neither is known); the partial file, dlfa's own, is removed;
+* archives are read as streams, never extracted: every member name is checked (no ``..``, absolute names or
+  drive letters), links, devices and other special members are refused, and the bytes an archive decompresses
+  to are capped at :data:`MAX_EXPANSION` times its size (at least :data:`EXPANSION_FLOOR`), per zip member too;
+* a line of a release file may not exceed :data:`MAX_LINE` bytes, a sentence :data:`MAX_SENTENCE_LINES` lines;
+* an OS error (permissions, a full disk, a read-only file system, a symlink loop) is one line naming the path;
+  only files dlfa created are ever removed (``.part`` files, the staged conversion, archives it downloaded).
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import errno
+import gzip
 import http.client
-import io
+import itertools
 import json
+import lzma
 import os
 import re
+import stat
 import tarfile
 import time
 import urllib.error
@@ -34,7 +52,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, NamedTuple
 
 from dlfa.errors import DlfaInputError
 from dlfa.io import atomic_path, sha256_file, write_json_atomic
@@ -46,13 +64,26 @@ PROVENANCE_FILE = "download.json"  # in each converted task folder: sources, opt
 CHUNK = 1 << 20
 USER_AGENT = "dlfa-download/0.1 (Python urllib)"
 
+# Limits (see the module doc). The largest published size here is MultiNLI's 227 MB; UD v2.5's is not pinned.
+UNKNOWN_SIZE_CAP = 2 << 30  # bytes a download of unpublished size may reach (Source.max_size overrides it)
+# Decompressed bytes per archive byte. gzip and deflate reach ~1000x on repeated data (a bomb); text releases
+# such as these compress 3-10x, so 50x leaves a wide margin and still stops a bomb at 5% of its size.
+MAX_EXPANSION = 50
+EXPANSION_FLOOR = 16 << 20  # tiny archives (tar headers and padding compress ~100x) may always expand this far
+MAX_LINE = 1 << 20  # bytes in one line; the longest lines of these releases (MultiNLI's parses) are ~10 KB
+MAX_SENTENCE_LINES = 100_000  # lines of one UD or PAN-X sentence, held in memory; real ones have under 2,000
+MAX_MEMBERS = 100_000  # members of one archive; UD v2.5, the largest, has about 2,000 files
+MAX_TAR_HEADER = 1 << 20  # data of one pax or GNU long-name header (tarfile reads it into memory whole)
+
 
 @dataclass(frozen=True)
 class Source:
     """One archive of a task: where to get it and what its bytes hash to.
 
     ``sha256=None`` means no checksum was published: the archive is trusted on first use (see module doc).
-    ``verified_by`` says where a pinned checksum comes from, so it can be re-checked.
+    ``size``: the published size in bytes; a transfer that announces another size or grows beyond it is refused.
+    ``verified_by`` says where a pinned checksum comes from, so it can be re-checked. ``max_size``: where the
+    size is unknown, the most bytes a transfer may reach (default :data:`UNKNOWN_SIZE_CAP`).
     """
 
     filename: str
@@ -60,6 +91,7 @@ class Source:
     sha256: str | None = None
     size: int | None = None
     verified_by: str = ""
+    max_size: int | None = None
 
 
 # The official sources XTREME uses (scripts/download_data.sh), with the gold test labels kept. XNLI's English
@@ -185,52 +217,70 @@ def download(
     if attempts < 1:
         raise DlfaInputError("must be at least 1", option="attempts")
     output = Path(output)
-    if output.exists() and not output.is_dir():
+    output_stat = _stat(output)
+    if output_stat is not None and not stat.S_ISDIR(output_stat.st_mode):
         raise DlfaInputError("output exists and is not a folder", path=output)
     target = output / task
-    if target.exists() and not overwrite and not (target / PROVENANCE_FILE).is_file():
+    if _stat(target) is not None and not overwrite and not (target / PROVENANCE_FILE).is_file():
         raise DlfaInputError(
             "folder exists and was not made by `dlfa download`; pass --overwrite to replace it", path=target
         )
-    created_output = not output.exists()
+    _check_writable(output)
+    created_output = output_stat is None
     opts = _Options(attempts, backoff, timeout, progress, log)
     checksums = _load_checksums(output / CHECKSUMS_FILE)
     fetched: list[Path] = []
     try:
-        if task == "panx":
-            if not archives:
-                raise DlfaInputError(PANX_MANUAL, option="--archive")
-            obtained = [_local_panx_archive(Path(p), checksums, output) for p in archives]
-        else:
-            obtained = _obtain_all(task, output, archives, base_url, sources, checksums, opts, fetched)
-        with atomic_path(target) as staged:
-            staged.mkdir()
-            try:
-                stats = _convert(task, [o.path for o in obtained], staged, languages, fused_forms, log)
-                if validate:
-                    _validate(task, staged)
-            except DlfaInputError:
-                # An archive trusted on first use that does not convert is not the release: do not keep it.
-                for item in obtained:
-                    if item.checksum == "trust-on-first-use" and item.path in fetched:
-                        item.path.unlink(missing_ok=True)
-                raise
-            write_json_atomic(staged / PROVENANCE_FILE, {
-                "task": task,
-                "sources": [o.record() for o in obtained],
-                "options": {"languages": list(languages) if languages else None, "fused_forms": fused_forms},
-                "files": stats,
-            })
+        try:
+            if task == "panx":
+                if not archives:
+                    raise DlfaInputError(PANX_MANUAL, option="--archive")
+                obtained = [_local_panx_archive(Path(p), checksums, output) for p in archives]
+            else:
+                obtained = _obtain_all(task, output, archives, base_url, sources, checksums, opts, fetched)
+            with atomic_path(target) as staged:
+                staged.mkdir()
+                try:
+                    stats = _convert(task, [o.path for o in obtained], staged, target, languages, fused_forms, log)
+                    if validate:
+                        _validate(task, staged)
+                except DlfaInputError:
+                    # An archive trusted on first use that does not convert is not the release: do not keep it.
+                    for item in obtained:
+                        if item.checksum == "trust-on-first-use" and item.path in fetched:
+                            with contextlib.suppress(OSError):
+                                item.path.unlink(missing_ok=True)
+                    raise
+                provenance = {
+                    "task": task,
+                    "sources": [o.record() for o in obtained],
+                    "options": {"languages": list(languages) if languages else None, "fused_forms": fused_forms},
+                    "files": stats,
+                }
+                try:
+                    write_json_atomic(staged / PROVENANCE_FILE, provenance)
+                except OSError as exc:
+                    raise _os_error(exc, target / PROVENANCE_FILE, "cannot write") from None
+        except OSError as exc:
+            # Whatever else the file system refused (creating the staged task folder, renaming it into place, ...).
+            raise _os_error(exc, exc.filename or target, "file system error") from None
     except BaseException:
         _prune_empty(output / DOWNLOADS_DIR, output if created_output else None)
         raise
     for item in obtained:
         if item.checksum != "folder":
             checksums[item.path.name] = item.record()
-    write_json_atomic(output / CHECKSUMS_FILE, checksums)
+    try:
+        write_json_atomic(output / CHECKSUMS_FILE, checksums)
+    except OSError as exc:
+        raise _os_error(exc, output / CHECKSUMS_FILE,
+                        f"{target} is complete, but the checksums could not be recorded") from None
     if not keep_archives:
         for path in fetched:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log(f"could not remove {path}: {_reason(exc)}")
         _prune_empty(output / DOWNLOADS_DIR, None)
     total = sum(s["examples"] for s in stats.values())
     log(f"{task}: {len(stats)} files, {total} examples in {target}")
@@ -307,15 +357,15 @@ def _obtain_all(task: str, output: Path, archives: Sequence[str | Path], base_ur
         expected, how = _expected(source, checksums)
         if source.filename in local:
             path = local[source.filename]
-            if not path.is_file():
-                raise DlfaInputError("archive not found", path=path)
-            digest = sha256_file(path)
+            _check_archive_file(path)
+            digest = _sha256(path)
             if expected and digest != expected:
                 raise DlfaInputError(_mismatch(path.name, digest, expected, how, output / CHECKSUMS_FILE), path=path)
             result.append(_Obtained(path, digest, source.url, how))
             continue
         url = f"{base_url.rstrip('/')}/{urllib.parse.quote(source.filename)}" if base_url else source.url
-        path, digest = _download_verified(source, url, output, expected, how, opts)
+        cap = _size_cap(source, how, checksums, output / CHECKSUMS_FILE)
+        path, digest = _download_verified(source, url, output, expected, how, cap, opts)
         fetched.append(path)
         result.append(_Obtained(path, digest, url, how))
         note = {"pinned": "matches the published checksum", "recorded": f"matches {output / CHECKSUMS_FILE}"}.get(
@@ -324,26 +374,79 @@ def _obtain_all(task: str, output: Path, archives: Sequence[str | Path], base_ur
     return result
 
 
-def _download_verified(source: Source, url: str, output: Path, expected: str | None, how: str,
+_RELEASE_SIZE = "the release's size"
+
+
+@dataclass(frozen=True)
+class _SizeCap:
+    """The most bytes a download may have; ``exact``: it must have exactly that many (a known size)."""
+
+    limit: int
+    exact: bool
+    origin: str  # where the figure comes from, for messages
+
+    def announced(self, total: int) -> str | None:
+        """Why a transfer announcing ``total`` bytes is refused before anything is written, or None."""
+        if self.exact and total != self.limit:
+            has = f"the release has {self.limit}" if self.origin == _RELEASE_SIZE else (
+                f"expected {self.limit} ({self.origin})")
+            return f"the server offers {total} bytes, {has}: not the expected file"
+        if total > self.limit:
+            return f"the server offers {total} bytes, more than {self.limit} ({self.origin}): refused"
+        return None
+
+    def exceeded(self) -> str:
+        return f"the server sends more than {self.limit} bytes ({self.origin}): refused; the partial download " \
+               "was removed"
+
+
+def _size_cap(source: Source, how: str, checksums: dict[str, dict], checksums_path: Path) -> _SizeCap:
+    """From the known sizes: the published one, else the one recorded on first use, else a generous cap."""
+    if source.size is not None:
+        return _SizeCap(source.size, True, _RELEASE_SIZE)
+    recorded = checksums.get(source.filename, {}).get("bytes") if how == "recorded" else None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        return _SizeCap(recorded, True, f"the size recorded in {checksums_path} on first use")
+    return _SizeCap(source.max_size or UNKNOWN_SIZE_CAP, False, "the cap for a download of unpublished size")
+
+
+def _download_verified(source: Source, url: str, output: Path, expected: str | None, how: str, cap: _SizeCap,
                        opts: _Options) -> tuple[Path, str]:
     """``downloads/<file>``, complete and matching ``expected``; reused when already there."""
     downloads = output / DOWNLOADS_DIR
     final = downloads / source.filename
-    if final.is_file():
-        digest = sha256_file(final)
+    final_stat = _stat(final)
+    if final_stat is not None:
+        if not stat.S_ISREG(final_stat.st_mode):
+            raise DlfaInputError("exists and is not a file; move it away", path=final)
+        digest = _sha256(final)
         if expected is None or digest == expected:
             opts.log(f"using {final} (already downloaded)")
             return final, digest
-        opts.log(f"{final} does not match its checksum; downloading it again")
-        final.unlink()
+        # Not what dlfa would have put there (it renames only verified files): never replace it.
+        raise DlfaInputError(f"exists and does not match its checksum (sha256 {digest}, expected {expected}); "
+                             "move it away or delete it to download the file again", path=final)
     part = downloads / (source.filename + ".part")
+    part_stat = _stat(part, follow=False)
+    if part_stat is not None and not stat.S_ISREG(part_stat.st_mode):
+        raise DlfaInputError("exists and is not dlfa's partial download (not a plain file); move it away", path=part)
+    if part_stat is not None and part_stat.st_size > cap.limit:
+        opts.log(f"{part} is larger than the file can be; downloading from the start")
+        part.unlink()
     resumed = part.is_file() and part.stat().st_size > 0
     while True:
-        opts.log(f"downloading {url}" + (f" (resuming at {part.stat().st_size} bytes)" if resumed else ""))
-        _fetch(url, part, source.size if how == "pinned" else None, opts)
-        digest = sha256_file(part)
+        size = part.stat().st_size if part.is_file() else 0
+        if cap.exact and size == cap.limit:
+            opts.log(f"{part} is complete; checking it")
+        else:
+            opts.log(f"downloading {url}" + (f" (resuming at {size} bytes)" if resumed else ""))
+            _fetch(url, part, cap, opts)
+        digest = _sha256(part)
         if expected is None or digest == expected:
-            os.replace(part, final)
+            try:
+                os.replace(part, final)
+            except OSError as exc:
+                raise _os_error(exc, final, "cannot move the verified download into place") from None
             return final, digest
         part.unlink(missing_ok=True)
         if not resumed:
@@ -356,14 +459,17 @@ class _Restart(Exception):
     """The server sent something other than the requested byte range: start the file again."""
 
 
-def _fetch(url: str, part: Path, size: int | None, opts: _Options) -> None:
-    """Fill ``part`` with the whole file at ``url``, resuming what it holds; retries transient failures."""
+def _fetch(url: str, part: Path, cap: _SizeCap, opts: _Options) -> None:
+    """Fill ``part`` with the whole file at ``url``, resuming what it holds; retries transient failures.
+
+    Errors of the local file system are not retried: :func:`_transfer` raises them as one line.
+    """
     failures = 0
     furthest = part.stat().st_size if part.is_file() else 0
     while True:
         offset = part.stat().st_size if part.is_file() else 0
         try:
-            if _transfer(url, part, offset, size, opts):
+            if _transfer(url, part, offset, cap, opts):
                 return
             problem = "the server closed the connection before the end of the file"
         except urllib.error.HTTPError as exc:
@@ -401,8 +507,52 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _transfer(url: str, part: Path, offset: int, size: int | None, opts: _Options) -> bool:
-    """One request; appends to ``part`` from ``offset``. True when the file is complete."""
+class _PartFile:
+    """``downloads/<file>.part`` opened for appending; a local OS error becomes one line naming the file.
+
+    Opened without following a symbolic link, so that a link planted there cannot make dlfa write elsewhere.
+    """
+
+    def __init__(self, part: Path, append: bool) -> None:
+        self.part = part
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = os.fdopen(os.open(part, flags, 0o666), "ab" if append else "wb")
+        except OSError as exc:
+            raise _os_error(exc, exc.filename or part, "cannot write the download") from None
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.handle.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def close(self, sync: bool) -> None:
+        try:
+            if sync:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.handle.close()
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> DlfaInputError:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        size = self.part.stat().st_size if self.part.is_file() else 0
+        kept = f"; the partial download ({size} bytes) is kept and resumes on the next run" if size else ""
+        return _os_error(exc, self.part, "cannot write the download", kept)
+
+
+def _transfer(url: str, part: Path, offset: int, cap: _SizeCap, opts: _Options) -> bool:
+    """One request; appends to ``part`` from ``offset``. True when the file is complete.
+
+    Never lets ``part`` grow beyond ``cap``: a server that announces more, or sends more than it announced or
+    than the cap allows (a mirror streaming forever), is refused and the partial file, dlfa's own, removed.
+    """
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -416,25 +566,30 @@ def _transfer(url: str, part: Path, offset: int, size: int | None, opts: _Option
                 raise _Restart(f"the server resumed at byte {start}, not {offset}")
         else:
             offset, total = 0, length  # the server ignored the Range header: start again
-        if size is not None and total is not None and total != size:
+        if total is None and length is not None:
+            total = offset + length
+        refusal = cap.announced(total) if total is not None else None
+        if refusal:
             part.unlink(missing_ok=True)
-            raise DlfaInputError(
-                f"the server offers {total} bytes, the release has {size}: not the expected file", path=url
-            )
-        part.parent.mkdir(parents=True, exist_ok=True)
+            raise DlfaInputError(refusal, path=url)
         from tqdm import tqdm
 
         received = 0
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5],
-            disable=None if opts.progress else True, leave=False,
-        ) as bar:
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+        out = _PartFile(part, append=bool(offset))
+        try:
+            with tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=part.name[:-5], disable=None if opts.progress else True, leave=False) as bar:
+                while chunk := response.read(CHUNK):
+                    if offset + received + len(chunk) > cap.limit:
+                        out.close(sync=False)
+                        part.unlink(missing_ok=True)
+                        raise DlfaInputError(cap.exceeded(), path=url)
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        finally:
+            if not out.handle.closed:
+                out.close(sync=True)
     return length is None or received >= length
 
 
@@ -447,47 +602,310 @@ def _content_range(value: str | None) -> tuple[int, int | None]:
 
 def _local_panx_archive(path: Path, checksums: dict[str, dict], output: Path) -> _Obtained:
     """A PAN-X archive the user downloaded: checked against the published or the recorded checksum."""
-    if not path.exists():
+    found = _stat(path)
+    if found is None:
         raise DlfaInputError("archive not found", path=path)
-    if path.is_dir():
+    if stat.S_ISDIR(found.st_mode):
         return _Obtained(path, "", None, "folder")
+    _check_archive_file(path)
     known = PANX_ARCHIVES.get(path.name, Source(path.name, ""))
     expected, how = _expected(known, checksums)
-    digest = sha256_file(path)
+    digest = _sha256(path)
     if expected and digest != expected:
         raise DlfaInputError(_mismatch(path.name, digest, expected, how, output / CHECKSUMS_FILE), path=path)
     return _Obtained(path, digest, known.url or None, how)
 
 
 def _prune_empty(folder: Path, also: Path | None) -> None:
-    """Remove folders this run created and left empty (a failed run leaves nothing behind)."""
+    """Remove folders this run created and left empty (a failed run leaves nothing behind); best effort."""
     for path in (folder, also):
-        if path is not None and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        with contextlib.suppress(OSError):
+            if path is not None and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                path.rmdir()
+
+
+# -- file system errors ------------------------------------------------------------------------------------------
+
+_OS_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ELOOP: "too many levels of symbolic links (a symlink loop?)",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EISDIR: "is a folder",
+    errno.EIO: "input/output error",
+}
+if hasattr(errno, "EDQUOT"):
+    _OS_REASONS[errno.EDQUOT] = "disk quota exceeded"
+
+
+def _reason(exc: OSError) -> str:
+    return _OS_REASONS.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+
+
+def _os_error(exc: OSError, path: str | Path | None, doing: str, tail: str = "") -> DlfaInputError:
+    """One line for an OS error: the path, what dlfa was doing and the system's reason."""
+    return DlfaInputError(f"{doing}: {_reason(exc)}{tail}", path=path if path is not None else exc.filename)
+
+
+def _stat(path: Path, follow: bool = True) -> os.stat_result | None:
+    """``path``'s stat, None when it does not exist; any other failure (a symlink loop, ...) is one line."""
+    try:
+        return path.stat() if follow else path.lstat()
+    except FileNotFoundError:
+        if follow and path.is_symlink():
+            raise DlfaInputError("is a symbolic link to a missing path", path=path) from None
+        return None
+    except OSError as exc:
+        raise _os_error(exc, path, "cannot access") from None
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse up front an output dlfa could not write (checked before anything is downloaded)."""
+    folder = output
+    found = _stat(folder)
+    while found is None and folder.parent != folder:
+        folder = folder.parent
+        found = _stat(folder)
+    if found is None:
+        return
+    if not stat.S_ISDIR(found.st_mode):
+        raise DlfaInputError("is not a folder", path=folder)
+    read_only = False
+    with contextlib.suppress(OSError, AttributeError):
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    if read_only:
+        raise DlfaInputError("cannot write here: read-only file system", path=folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DlfaInputError("cannot write here: permission denied", path=folder)
+
+
+def _check_archive_file(path: Path) -> None:
+    found = _stat(path)
+    if found is None:
+        raise DlfaInputError("archive not found", path=path)
+    if not stat.S_ISREG(found.st_mode):
+        raise DlfaInputError("archive is not a regular file (a folder, device or FIFO)", path=path)
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise _os_error(exc, path, "cannot read") from None
 
 
 # -- reading archives --------------------------------------------------------------------------------------------
 
 
-def _archive_members(path: Path) -> Iterator[tuple[str, IO[bytes]]]:
-    """(member name, binary stream) of every regular file in a zip or tar archive, in archive order."""
+# Errors that a damaged archive raises while it is read (gzip.BadGzipFile is an OSError).
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+class _Budget:
+    """The bytes an archive may decompress to: :data:`MAX_EXPANSION` times its size, at least the floor.
+
+    Bytes read from a nested archive count against the enclosing archive's budget too.
+    """
+
+    def __init__(self, where: str, size: int, parent: _Budget | None) -> None:
+        self.where, self.size, self.parent = where, size, parent
+        self.limit = max(EXPANSION_FLOOR, MAX_EXPANSION * size)
+        self.used = 0
+
+    def charge(self, count: int, member: str) -> None:
+        budget: _Budget | None = self
+        while budget is not None:
+            budget.used += count
+            budget = budget.parent
+        self.check(0, member)
+
+    def check(self, ahead: int, member: str) -> None:
+        """Refuse now if ``ahead`` more bytes would go over the budget (or an enclosing archive's)."""
+        if self.used + ahead > self.limit:
+            raise DlfaInputError(
+                f"expands to more than {self.limit} bytes ({MAX_EXPANSION}x its {self.size} bytes, at least "
+                f"{EXPANSION_FLOOR}) at member {member!r}: refused as a likely decompression bomb", path=self.where)
+        if self.parent is not None:
+            self.parent.check(ahead, member)
+
+
+class _Member(NamedTuple):
+    """A regular file of an archive: its name, a stream of its bytes (valid until the next member), its size
+    and the decompression budget of its archive (which an archive nested in it also draws on)."""
+
+    name: str
+    stream: IO[bytes]
+    size: int
+    budget: _Budget
+
+
+class _Counted:
+    """A decompressed stream whose every byte is charged to a budget (tar headers and skipped members too)."""
+
+    def __init__(self, source: IO[bytes], budget: _Budget) -> None:
+        self.source, self.budget, self.member = source, budget, "(tar headers)"
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size if size is not None and size >= 0 else CHUNK)
+        self.budget.charge(len(data), self.member)
+        return data
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """Refuses a huge pax or GNU long-name header before tarfile reads its data into memory.
+
+    ``_proc_member`` is tarfile's documented hook for subclasses ("can be overridden in a subclass").
+    """
+
+    _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                   tarfile.GNUTYPE_LONGLINK)
+
+    def _proc_member(self, tarfile):  # tarfile's own signature, hence no annotations
+        if self.type in self._META_TYPES and self.size > MAX_TAR_HEADER:
+            raise _HeaderTooLarge(f"a {self.size}-byte extended header (more than {MAX_TAR_HEADER}): refused")
+        return super()._proc_member(tarfile)
+
+
+def _member_problem(name: str) -> str | None:
+    """Why a member name is refused: a release never has one that could point outside its folder."""
+    if not name or "\x00" in name:
+        return "has an empty name" if not name else "has a NUL byte in its name"
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return "has an absolute name"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "has a '..' component (path traversal)"
+    return None
+
+
+def _tar_type_problem(member: tarfile.TarInfo) -> str | None:
+    if member.issym():
+        return f"is a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"is a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "is a device file"
+    if member.isfifo():
+        return "is a FIFO"
+    if member.issparse():
+        return "is a sparse file"
+    if not (member.isfile() or member.isdir()):
+        return f"has the unsupported type {member.type!r}"
+    return None
+
+
+def _zip_type_problem(info: zipfile.ZipInfo) -> str | None:
+    mode = info.external_attr >> 16
+    if info.create_system != 3 or not stat.S_IFMT(mode):  # no Unix file type recorded: a plain file or folder
+        return None
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "is a device file or another special file"
+    return None
+
+
+def _refuse_member(where: str, name: str, problem: str) -> DlfaInputError:
+    return DlfaInputError(f"member {name!r} {problem}: refused (an archive is read, never extracted, and a "
+                          "release has no such member)", path=where)
+
+
+def _archive_members(path: Path) -> Iterator[_Member]:
+    """Every regular file of a zip or tar archive (plain, gzip, bzip2 or xz), in archive order, as a stream.
+
+    Nothing is extracted. Every member is checked (:func:`_member_problem`, links, devices) and the
+    decompressed bytes are capped (:class:`_Budget`); each refusal is one line naming the archive and member.
+    """
+    where = str(path)
     try:
+        size = path.stat().st_size
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                for info in archive.infolist():
-                    if not info.is_dir() and not _is_junk(info.filename):
-                        with archive.open(info) as stream:
-                            yield info.filename, stream
+            yield from _zip_members(path, where, size)
             return
-        with tarfile.open(path, "r:*") as archive:
-            for member in archive:
-                if member.isfile() and not _is_junk(member.name):
-                    stream = archive.extractfile(member)
-                    if stream is not None:
-                        with stream:
-                            yield member.name, stream
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        with open(path, "rb") as raw:
+            yield from _tar_members(raw, where, size, None)
+    except _READ_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise _os_error(exc, path, "cannot read the archive") from None
         raise DlfaInputError(f"not a readable zip or tar archive ({exc})", path=path) from None
+
+
+def _zip_members(path: Path, where: str, size: int) -> Iterator[_Member]:
+    budget = _Budget(where, size, None)
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise DlfaInputError(f"more than {MAX_MEMBERS} members: refused", path=where)
+        for info in infos:  # all of them, before anything is converted
+            problem = _member_problem(info.filename) or _zip_type_problem(info)
+            if problem:
+                raise _refuse_member(where, info.filename, problem)
+        for info in infos:
+            if info.is_dir() or _is_junk(info.filename):
+                continue
+            # zipfile never yields more than the declared size, so the declared sizes bound what is read.
+            if info.file_size > max(EXPANSION_FLOOR, MAX_EXPANSION * info.compress_size):
+                raise DlfaInputError(
+                    f"member {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}x "
+                    f"({info.compress_size} to {info.file_size} bytes, more than {MAX_EXPANSION}x): refused as a "
+                    "likely decompression bomb", path=where)
+            budget.check(info.file_size, info.filename)
+            budget.charge(info.file_size, info.filename)
+            with archive.open(info) as stream:
+                yield _Member(info.filename, stream, info.file_size, budget)
+
+
+def _tar_members(raw: IO[bytes], where: str, size: int, parent: _Budget | None) -> Iterator[_Member]:
+    """A tar archive read as one stream from ``raw`` (its compression recognised by its first bytes)."""
+    budget = _Budget(where, size, parent)
+    magic = raw.peek(6)[:6] if hasattr(raw, "peek") else b""
+    with contextlib.ExitStack() as stack:
+        data: IO[bytes] = raw
+        if magic.startswith(b"\x1f\x8b"):
+            data = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif magic.startswith(b"BZh"):
+            data = stack.enter_context(bz2.BZ2File(raw))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            data = stack.enter_context(lzma.LZMAFile(raw))
+        counted = _Counted(data, budget)
+        try:
+            archive = stack.enter_context(
+                tarfile.open(fileobj=counted, mode="r|", bufsize=CHUNK, tarinfo=_GuardedTarInfo))
+            for number, member in enumerate(archive, start=1):
+                if number > MAX_MEMBERS:
+                    raise DlfaInputError(f"more than {MAX_MEMBERS} members: refused", path=where)
+                problem = _member_problem(member.name) or _tar_type_problem(member)
+                if problem:
+                    raise _refuse_member(where, member.name, problem)
+                if member.isdir():
+                    continue
+                budget.check(member.size, member.name)  # the header says how much follows: refuse early
+                if _is_junk(member.name):
+                    continue
+                stream = archive.extractfile(member)
+                if stream is None:
+                    continue
+                counted.member = member.name
+                with stream:
+                    yield _Member(member.name, stream, member.size, budget)
+                counted.member = "(tar headers)"
+        except _HeaderTooLarge as exc:
+            raise DlfaInputError(str(exc), path=where) from None
+
+
+def _nested_tar_members(stream: IO[bytes], where: str, size: int, parent: _Budget | None) -> Iterator[_Member]:
+    """:func:`_tar_members` of an archive inside an archive (PAN-X's <lang>.tar.gz), errors as one line."""
+    try:
+        yield from _tar_members(stream, where, size, parent)
+    except _READ_ERRORS as exc:
+        raise DlfaInputError(f"not a readable tar archive ({exc})", path=where) from None
 
 
 def _is_junk(name: str) -> bool:
@@ -497,8 +915,23 @@ def _is_junk(name: str) -> bool:
 
 
 def _lines(stream: IO[bytes], where: str) -> Iterator[str]:
-    """Decoded lines without their line end; split on ``\\n`` only, as dlfa's readers do."""
-    for number, raw in enumerate(stream, start=1):
+    """Decoded lines without their line end; split on ``\\n`` only, as dlfa's readers do.
+
+    A line is read up to :data:`MAX_LINE` bytes, so one enormous line is refused, never held in memory.
+    """
+    number = 0
+    while True:
+        try:
+            raw = stream.readline(MAX_LINE + 1)
+        except _READ_ERRORS as exc:
+            raise DlfaInputError(f"cannot read the archive member ({exc})", path=where,
+                                 line=number + 1) from None
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            raise DlfaInputError(f"a line longer than {MAX_LINE} bytes: refused (no release has one)",
+                                 path=where, line=number)
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -508,47 +941,76 @@ def _lines(stream: IO[bytes], where: str) -> Iterator[str]:
         yield line.rstrip("\r\n")
 
 
+def _check_sentence(sentence: list[str], where: str, number: int) -> None:
+    """A sentence is held in memory until its end: refuse one that does not end."""
+    if len(sentence) >= MAX_SENTENCE_LINES:
+        raise DlfaInputError(f"a sentence of more than {MAX_SENTENCE_LINES} lines: refused (no release has one)",
+                             path=where, line=number)
+
+
 def _clean(text: str) -> str:
     return text.translate(_ODD_SEPARATORS).strip()
 
 
 class _Writer:
-    """The converted files of one task folder with their example counts."""
+    """The converted files of one task folder with their example counts.
 
-    def __init__(self, folder: Path) -> None:
+    ``folder`` is the staged folder; messages name ``shown``, the task folder it becomes.
+    """
+
+    def __init__(self, folder: Path, shown: Path) -> None:
         self.folder = folder
+        self.shown = shown
         self.stats: dict[str, dict[str, int]] = {}
 
     def write(self, name: str, rows: Iterable[str], counts: list[int]) -> None:
         """Stream ``rows`` (lines) into ``name``; ``counts`` is [examples, dropped], read once rows are spent.
 
-        A file that ends up without examples is not kept (e.g. a treebank released without its text).
+        A file that ends up without examples is not kept (e.g. a treebank released without its text). An OS
+        error while writing (a full disk, ...) is one line naming the file; reading errors stay the reader's.
         """
         if name in self.stats:
-            raise DlfaInputError(f"the archive holds {name} twice", path=self.folder)
+            raise DlfaInputError(f"the archive holds {name} twice", path=self.shown)
         path = self.folder / name
-        with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        try:
+            handle = open(path, "w", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            raise self._failed(exc, name) from None
+        try:
             for row in rows:
-                handle.write(row)
-                handle.write("\n")
+                try:
+                    handle.write(row)
+                    handle.write("\n")
+                except OSError as exc:
+                    raise self._failed(exc, name) from None
+            try:
+                handle.close()
+            except OSError as exc:
+                raise self._failed(exc, name) from None
+        finally:
+            with contextlib.suppress(OSError):
+                handle.close()
         if counts[0]:
             self.stats[name] = {"examples": counts[0], "dropped": counts[1]}
         else:
             path.unlink()
 
+    def _failed(self, exc: OSError, name: str) -> DlfaInputError:
+        return _os_error(exc, self.shown / name, "cannot write the converted file", "; nothing was changed")
+
 
 # -- conversion ---------------------------------------------------------------------------------------------------
 
 
-def _convert(task: str, archives: list[Path], staged: Path, languages: Sequence[str] | None, fused_forms: bool,
-             log: Log) -> dict[str, dict[str, int]]:
+def _convert(task: str, archives: list[Path], staged: Path, target: Path, languages: Sequence[str] | None,
+             fused_forms: bool, log: Log) -> dict[str, dict[str, int]]:
     from dlfa.tasks import get_task
 
     if languages and [lang.lower() for lang in languages] == ["all"]:
         wanted: set[str] | None = None
     else:
         wanted = set(languages or get_task(task).languages) | {"en"}
-    writer = _Writer(staged)
+    writer = _Writer(staged, target)
     try:
         if task == "udpos":
             _convert_udpos(archives[0], writer, wanted, fused_forms)
@@ -558,8 +1020,8 @@ def _convert(task: str, archives: list[Path], staged: Path, languages: Sequence[
             _convert_pawsx(archives[0], writer, wanted)
         else:
             _convert_panx(archives, writer, wanted)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
-        # A damaged member shows up while it is read, outside _archive_members.
+    except _READ_ERRORS as exc:
+        # Left over from reading (members and lines map their own errors; writing errors are the writer's).
         raise DlfaInputError(f"cannot read the archive ({exc})", path=archives[0]) from None
     if not writer.stats:
         raise DlfaInputError(f"no {task} files for the requested languages in the archive", path=archives[0])
@@ -596,14 +1058,14 @@ def _convert_udpos(archive: Path, writer: _Writer, wanted: set[str] | None, fuse
     from dlfa.tasks.udpos import UPOS_TAGS
 
     known = frozenset(UPOS_TAGS)
-    for name, stream in _archive_members(archive):
+    for name, stream, _, _ in _archive_members(archive):
         match = _UD_FILE.fullmatch(PurePosixPath(name).name)
         if not match or (wanted is not None and match["lang"] not in wanted):
             continue
         counts = [0, 0]
 
-        def sentences(lines: Iterable[str], lang: str, counts: list[int]) -> Iterator[str]:
-            for block in _conllu_blocks(lines):
+        def sentences(lines: Iterable[str], lang: str, counts: list[int], where: str) -> Iterator[str]:
+            for block in _conllu_blocks(lines, where):
                 converted = xtreme_ud_sentence(block, lang, known, fused_forms)
                 counts[converted is None] += 1
                 if converted is not None:
@@ -611,13 +1073,15 @@ def _convert_udpos(archive: Path, writer: _Writer, wanted: set[str] | None, fuse
                     yield ""
 
         # Treebanks released without their text (all forms "_") end up empty and are not kept.
-        writer.write(match.group(0), sentences(_lines(stream, f"{archive}:{name}"), match["lang"], counts), counts)
+        where = f"{archive}:{name}"
+        writer.write(match.group(0), sentences(_lines(stream, where), match["lang"], counts, where), counts)
 
 
-def _conllu_blocks(lines: Iterable[str]) -> Iterator[list[str]]:
+def _conllu_blocks(lines: Iterable[str], where: str) -> Iterator[list[str]]:
     block: list[str] = []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         if line.strip():
+            _check_sentence(block, where, number)
             block.append(line)
         elif block:
             yield block
@@ -735,7 +1199,7 @@ def _fuse(words: list[list[str]], spans: list[tuple[int, int, list[str]]], lang:
 def _convert_xnli(xnli_zip: Path, mnli_zip: Path, writer: _Writer, wanted: set[str] | None) -> None:
     """XNLI 1.0 dev/test per language and MultiNLI's training set, as ``premise<TAB>hypothesis<TAB>label``."""
     found: set[str] = set()
-    for name, stream in _archive_members(xnli_zip):
+    for name, stream, _, _ in _archive_members(xnli_zip):
         base = PurePosixPath(name).name
         split = {"xnli.dev.tsv": "dev", "xnli.test.tsv": "test"}.get(base)
         if split is None:
@@ -754,7 +1218,7 @@ def _convert_xnli(xnli_zip: Path, mnli_zip: Path, writer: _Writer, wanted: set[s
             writer.write(f"{split}-{lang}.tsv", rows, [len(rows), dropped.get(lang, 0)])
     if found != {"xnli.dev.tsv", "xnli.test.tsv"}:
         raise DlfaInputError("no XNLI-1.0/xnli.dev.tsv and xnli.test.tsv in the archive", path=xnli_zip)
-    for name, stream in _archive_members(mnli_zip):
+    for name, stream, _, _ in _archive_members(mnli_zip):
         if PurePosixPath(name).name == "multinli_1.0_train.txt":
             counts = [0, 0]
 
@@ -803,104 +1267,123 @@ def _convert_pawsx(archive: Path, writer: _Writer, wanted: set[str] | None) -> N
     English ``train.tsv`` becomes ``train-en.tsv``; the machine-translated ``translated_train.tsv`` files become
     ``translate-train-<lang>.tsv``, which the zero-shot setting never reads as training data.
     """
-    for name, stream in _archive_members(archive):
+    for name, stream, _, _ in _archive_members(archive):
         path = PurePosixPath(name)
         if len(path.parts) < 2 or path.name not in _PAWSX_FILES:
             continue
         lang = path.parent.name
         if not re.fullmatch(r"[a-z]{2,3}", lang) or (wanted is not None and lang not in wanted):
             continue
-        rows: list[str] = []
-        dropped = 0
-        for number, line in enumerate(_lines(stream, f"{archive}:{name}"), start=1):
-            fields = line.split("\t")
-            if number == 1 and [f.strip().lower() for f in fields] == ["id", "sentence1", "sentence2", "label"]:
-                continue
-            if not line.strip():
-                continue
-            if len(fields) != 4 or fields[3].strip() not in ("0", "1"):
-                dropped += 1
-                continue
-            rows.append(f"{_clean(fields[1])}\t{_clean(fields[2])}\t{fields[3].strip()}")
-        writer.write(f"{_PAWSX_FILES[path.name]}-{lang}.tsv", rows, [len(rows), dropped])
+        counts = [0, 0]
+        rows = _pawsx_rows(_lines(stream, f"{archive}:{name}"), counts)
+        writer.write(f"{_PAWSX_FILES[path.name]}-{lang}.tsv", rows, counts)
+
+
+def _pawsx_rows(lines: Iterable[str], counts: list[int]) -> Iterator[str]:
+    """Output rows of one PAWS-X file; ``counts`` becomes [kept, dropped]."""
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("\t")
+        if number == 1 and [f.strip().lower() for f in fields] == ["id", "sentence1", "sentence2", "label"]:
+            continue
+        if not line.strip():
+            continue
+        if len(fields) != 4 or fields[3].strip() not in ("0", "1"):
+            counts[1] += 1
+            continue
+        counts[0] += 1
+        yield f"{_clean(fields[1])}\t{_clean(fields[2])}\t{fields[3].strip()}"
 
 
 # PAN-X
 
 
-def _panx_language_archives(paths: Sequence[Path]) -> Iterator[tuple[str, str, bytes]]:
-    """(language, where, bytes of its <lang>.tar.gz) from the given archives, per-language files or folders."""
+class _PanxArchive(NamedTuple):
+    """One language's <lang>.tar.gz: a stream of its bytes, valid until the next one."""
+
+    lang: str
+    where: str
+    stream: IO[bytes]
+    size: int
+    parent: _Budget | None  # the budget of the archive it is packed in
+
+
+def _panx_language_archives(paths: Sequence[Path]) -> Iterator[_PanxArchive]:
+    """Each language's <lang>.tar.gz from the given archives, per-language files or folders, as a stream."""
     for path in paths:
-        if path.is_dir():
+        found = _stat(path)
+        if found is not None and stat.S_ISDIR(found.st_mode):
             files = sorted(p for p in path.rglob("*.tar.gz") if _PANX_ARCHIVE.fullmatch(p.name))
             if not files:
                 raise DlfaInputError("no <lang>.tar.gz files in the folder", path=path)
             for file in files:
-                yield _PANX_ARCHIVE.fullmatch(file.name)["lang"], str(file), file.read_bytes()
+                _check_archive_file(file)  # not a FIFO or a device named like an archive
+                with _open_archive_file(file) as (stream, size):
+                    yield _PanxArchive(_PANX_ARCHIVE.fullmatch(file.name)["lang"], str(file), stream, size, None)
             continue
         match = _PANX_ARCHIVE.fullmatch(path.name)
         if match and _holds_splits(path):
-            yield match["lang"], str(path), path.read_bytes()
+            with _open_archive_file(path) as (stream, size):
+                yield _PanxArchive(match["lang"], str(path), stream, size, None)
             continue
         inner = 0
-        for name, stream in _archive_members(path):
-            inner_match = _PANX_ARCHIVE.fullmatch(PurePosixPath(name).name)
+        for member in _archive_members(path):
+            inner_match = _PANX_ARCHIVE.fullmatch(PurePosixPath(member.name).name)
             if inner_match:
                 inner += 1
-                yield inner_match["lang"], f"{path}:{name}", stream.read()
+                yield _PanxArchive(inner_match["lang"], f"{path}:{member.name}", member.stream, member.size,
+                                   member.budget)
         if not inner:
             raise DlfaInputError(
                 "neither a <lang>.tar.gz with train/dev/test files nor an archive of such files", path=path
             )
 
 
-def _holds_splits(path: Path) -> bool:
+@contextlib.contextmanager
+def _open_archive_file(path: Path) -> Iterator[tuple[IO[bytes], int]]:
     try:
-        with tarfile.open(path, "r:*") as archive:
-            return any(PurePosixPath(m.name).name in _PANX_SPLITS for m in archive if m.isfile())
-    except (tarfile.TarError, EOFError, OSError):
-        return False
+        handle = open(path, "rb")
+        size = os.fstat(handle.fileno()).st_size
+    except OSError as exc:
+        raise _os_error(exc, path, "cannot read the archive") from None
+    with handle:
+        yield handle, size
+
+
+def _holds_splits(path: Path) -> bool:
+    """Whether ``path`` is one language's archive (it holds a train, dev or test file)."""
+    for member in _archive_members(path):
+        if PurePosixPath(member.name).name in _PANX_SPLITS:
+            return True
+    return False
 
 
 def _convert_panx(archives: list[Path], writer: _Writer, wanted: set[str] | None) -> None:
     """WikiANN's ``lang:token<TAB>tag`` files as ``token<TAB>tag``, a blank line between sentences."""
-    for lang, where, data in _panx_language_archives(archives):
+    for lang, where, data, size, parent in _panx_language_archives(archives):
         if wanted is not None and lang not in wanted:
             continue
         seen = False
-        for name, stream in _archive_members_bytes(data, where):
+        for name, stream, _, _ in _nested_tar_members(data, where, size, parent):
             split = PurePosixPath(name).name
             if split not in _PANX_SPLITS:
                 continue  # e.g. "extra"
             seen = True
-            rows, sentences, dropped = _panx_rows(_lines(stream, f"{where}:{name}"))
-            writer.write(f"{split}-{lang}.tsv", rows, [sentences, dropped])
+            counts = [0, 0]
+            rows = _panx_rows(_lines(stream, f"{where}:{name}"), counts, f"{where}:{name}")
+            writer.write(f"{split}-{lang}.tsv", rows, counts)
         if not seen:
             raise DlfaInputError("no train, dev or test file in the archive", path=where)
 
 
-def _archive_members_bytes(data: bytes, where: str) -> Iterator[tuple[str, IO[bytes]]]:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-            for member in archive:
-                stream = archive.extractfile(member) if member.isfile() else None
-                if stream is not None:
-                    yield member.name, stream
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DlfaInputError(f"not a readable tar archive ({exc})", path=where) from None
-
-
-def _panx_rows(lines: Iterable[str]) -> tuple[list[str], int, int]:
-    """Rows, sentence count and dropped lines. As XTREME: the token is what follows the first ``:``."""
-    rows: list[str] = []
+def _panx_rows(lines: Iterable[str], counts: list[int], where: str) -> Iterator[str]:
+    """Output lines; ``counts`` becomes [sentences, dropped lines]. As XTREME: the token follows the first ``:``."""
     sentence: list[str] = []
-    sentences = dropped = 0
-    for line in [*lines, ""]:
+    for number, line in enumerate(itertools.chain(lines, [""]), start=1):
         if not line.strip():
             if sentence:
-                rows.extend(sentence)
-                rows.append("")
-                sentences += 1
+                yield from sentence
+                yield ""
+                counts[0] += 1
                 sentence = []
             continue
         fields = line.strip().split("\t")
@@ -908,7 +1391,7 @@ def _panx_rows(lines: Iterable[str]) -> tuple[list[str], int, int]:
         token = fields[0][colon + 1:].strip() if colon != -1 else ""
         tag = fields[1].strip() if len(fields) == 2 else ""
         if not token or tag not in _NER_TAGS:
-            dropped += 1
+            counts[1] += 1
             continue
+        _check_sentence(sentence, where, number)
         sentence.append(f"{_clean(token)}\t{tag}")
-    return rows, sentences, dropped
