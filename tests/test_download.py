@@ -467,11 +467,18 @@ def test_existing_folder_not_made_by_download_is_not_replaced(server, tmp_path):
     (tmp_path / "pawsx").mkdir()
     (tmp_path / "pawsx" / "mine.tsv").write_text("keep me\n")
     source = _serve(server, "x-final.tar.gz", pawsx_archive())
-    with pytest.raises(DlfaInputError, match="--overwrite"):
+    with pytest.raises(DlfaInputError, match="not made by `dlfa download`; refusing to replace it"):
         download("pawsx", tmp_path, sources=[source], **FAST)
     assert server.state.requests == []
-    download("pawsx", tmp_path, sources=[source], overwrite=True, **FAST)
-    assert not (tmp_path / "pawsx" / "mine.tsv").exists()
+    assert (tmp_path / "pawsx" / "mine.tsv").read_text() == "keep me\n"
+
+
+def test_a_folder_made_by_download_is_made_again(server, tmp_path):
+    source = _serve(server, "x-final.tar.gz", pawsx_archive())
+    folder = download("pawsx", tmp_path, sources=[source], **FAST)
+    (folder / "stale.tsv").write_text("old\n")
+    assert download("pawsx", tmp_path, sources=[source], **FAST) == folder
+    assert (folder / "train-en.tsv").is_file() and not (folder / "stale.tsv").exists()
 
 
 def test_local_archive_is_used_instead_of_downloading(tmp_path):

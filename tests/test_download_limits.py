@@ -536,7 +536,7 @@ def test_full_disk_when_staging_or_recording(tmp_path, capsys, monkeypatch):
     out.mkdir()
 
     @contextlib.contextmanager
-    def no_space(target):  # dlfa.io.atomic_path failing to stage the task folder
+    def no_space(target, replace_folder=False):  # dlfa.io.atomic_path failing to stage the task folder
         raise OSError(errno.ENOSPC, "No space left on device", str(out))
         yield
 

@@ -65,7 +65,6 @@ class DownloadConfig(Config):
     mirror: str | None = option(None, help="base URL serving the archives by file name (or $DLFA_DOWNLOAD_MIRROR)")
     syntactic_words: bool = option(False, help="udpos: keep UD's syntactic words instead of XTREME's fused tokens")
     remove_archives: bool = option(False, help="delete the downloaded archives afterwards")
-    overwrite: bool = option(False, help="replace a task folder made by an earlier dlfa download")
 
     def check(self) -> None:
         check_languages(self.languages)

@@ -146,7 +146,7 @@ def _download(given: dict[str, Any]) -> int:
     from dlfa.data.download import download
 
     download(c.task, c.output, archives=c.archive or (), languages=c.languages, base_url=c.mirror,
-             fused_forms=not c.syntactic_words, keep_archives=not c.remove_archives, overwrite=c.overwrite)
+             fused_forms=not c.syntactic_words, keep_archives=not c.remove_archives)
     return 0
 
 

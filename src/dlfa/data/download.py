@@ -194,7 +194,6 @@ def download(
     sources: Sequence[Source] | None = None,
     fused_forms: bool = True,
     keep_archives: bool = True,
-    overwrite: bool = False,
     attempts: int = 4,
     backoff: float = 1.0,
     timeout: float = 60.0,
@@ -221,10 +220,11 @@ def download(
     if output_stat is not None and not stat.S_ISDIR(output_stat.st_mode):
         raise DlfaInputError("output exists and is not a folder", path=output)
     target = output / task
-    if _stat(target) is not None and not overwrite and not (target / PROVENANCE_FILE).is_file():
-        raise DlfaInputError(
-            "folder exists and was not made by `dlfa download`; pass --overwrite to replace it", path=target
-        )
+    made_by_dlfa = (target / PROVENANCE_FILE).is_file()
+    if _stat(target) is not None and not made_by_dlfa:
+        # Never replace what dlfa did not make; a folder it made is made again.
+        raise DlfaInputError("folder exists and was not made by `dlfa download`; refusing to replace it (move it "
+                             "away or choose another --output)", path=target)
     _check_writable(output)
     created_output = output_stat is None
     opts = _Options(attempts, backoff, timeout, progress, log)
@@ -238,7 +238,7 @@ def download(
                 obtained = [_local_panx_archive(Path(p), checksums, output) for p in archives]
             else:
                 obtained = _obtain_all(task, output, archives, base_url, sources, checksums, opts, fetched)
-            with atomic_path(target) as staged:
+            with atomic_path(target, replace_folder=made_by_dlfa) as staged:
                 staged.mkdir()
                 try:
                     stats = _convert(task, [o.path for o in obtained], staged, target, languages, fused_forms, log)
