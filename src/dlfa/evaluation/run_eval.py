@@ -11,6 +11,7 @@ from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.io import write_json_atomic
 from dlfa.modeling.modeling_dlfa import DLFA_CONFIG_NAME, DLFAModel
+from dlfa.reporting.prune import check_weights_present
 from dlfa.tasks import get_task
 
 
@@ -41,6 +42,7 @@ def evaluate_run(
         model_dir = run / "best"
     if not run.is_dir():
         raise DlfaInputError("run folder not found", path=run)
+    check_weights_present(model_dir)  # weights deleted by prune_run: say so, not "file missing"
     config = _load_run_config(run)
     task = get_task(config["task"])
     data_dir = data_dir or config["data_dir"]
