@@ -125,5 +125,6 @@ def test_xmixup_sweep_rows_sit_next_to_finetuning_rows_in_the_report(tiny_model_
     # dlfa report: X-Mixup rows are model rows of Table 1 beside baseline and D_2, mean over the seeds.
     table, records = Report(collect_runs([out]).runs).table1()
     assert [row[1] for row in table.rows] == ["baseline", "D_2", "xmixup", "xmixup+D_2"]
-    assert all(row[2].endswith("(n=1)") for row in table.rows)
+    # One epoch of a random tiny model: every run is far below the UD-POS English-dev floor, and its cell says so.
+    assert all(row[2].endswith("(n=1) (!)") for row in table.rows)
     assert [(r["row"], r["n"]) for r in records] == [("baseline", 1), ("D_2", 1), ("xmixup", 1), ("xmixup+D_2", 1)]

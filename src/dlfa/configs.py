@@ -74,13 +74,21 @@ class DownloadConfig(Config):
 class ReportConfig(Config):
     """``dlfa report``: tables and figures from finished runs, over seeds."""
 
-    runs: list[str] = option(positional=True, help="run or sweep folders (searched recursively)")
-    output: str | None = option(None, help="folder to write the report into; none = a neutral name derived from the "
-                                           "runs (printed)")
+    runs: list[str] = option(positional=True, help="run or sweep folders (searched recursively for metrics.json)")
+    output: str | None = option(None, help="folder to write (new, empty, or made by an earlier dlfa report); none = "
+                                           "RUN_DIR/report for one folder that is not itself a run, SWEEP/report when "
+                                           "every folder lies in one sweep, else report-<hash> here (printed)")
     groups: str | None = option(None, help='JSON file {"group": ["lang", ...]} for Table 2; none = built-in groups')
     published: Literal["auto", "mbert", "none"] = option(
         "auto", help="the paper's mBERT numbers beside ours: auto = beside bert-base-multilingual-cased rows only; "
                      "mbert = beside every model; none")
+
+
+@dataclass(kw_only=True)
+class PruneConfig(Config):
+    """``dlfa prune``: delete the model weights of finished runs, keeping what ``dlfa report`` reads."""
+
+    runs: list[str] = option(positional=True, help="run or sweep folders; every finished run under them is pruned")
 
 
 @dataclass(kw_only=True)
@@ -123,5 +131,5 @@ class ConvertConfig(Config):
     output: str = option(help="the new folder to write (must not exist)")
 
 
-__all__ = ["TASK_NAMES", "AblateConfig", "ConvertConfig", "DownloadConfig", "EvaluateConfig", "ReportConfig",
-           "RunControl", "SimilarityConfig", "TasksConfig", "check_task_name"]
+__all__ = ["TASK_NAMES", "AblateConfig", "ConvertConfig", "DownloadConfig", "EvaluateConfig", "PruneConfig",
+           "ReportConfig", "RunControl", "SimilarityConfig", "TasksConfig", "check_task_name"]

@@ -160,15 +160,31 @@ def _report(given: dict[str, Any]) -> int:
     from dlfa.configs import ReportConfig
 
     config = parse_config(ReportConfig, given)
-    from dlfa.reporting.report import ReportOptions, load_groups, write_report
+    from dlfa.reporting.report import run_report
 
-    options = ReportOptions(published=config.published)
-    if config.groups:
-        options.groups = load_groups(config.groups)
-        options.groups_source = f"from {config.groups}"
-    written = write_report(config.runs, config.output, options)
+    written = run_report(config)
     print(written["table1"])
-    print(f"{written['runs']} runs; {len(written['skipped'])} unfinished skipped; report in {written['output']}/report.md")
+    for warning in written["warnings"]:
+        print(f"dlfa: warning: {warning}", file=sys.stderr)
+    print(f"{written['runs']} runs; {len(written['skipped'])} unfinished skipped; report in "
+          f"{written['output']}/report.md ({written['output_reason']})")
+    return 0
+
+
+def _prune_configs() -> tuple[type, ...]:
+    from dlfa.configs import PruneConfig
+
+    return (PruneConfig,)
+
+
+def _prune(given: dict[str, Any]) -> int:
+    from dlfa.configs import PruneConfig
+
+    config = parse_config(PruneConfig, given)
+    from dlfa.reporting.prune import run_prune
+
+    for result in run_prune(config):
+        print(result.summary())
     return 0
 
 
@@ -243,6 +259,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             _download),
     Command("report", "tables (Markdown, CSV, LaTeX) and figures from finished runs, over seeds", _report_configs,
             _report),
+    Command("prune", "delete the model weights of finished runs, keeping what dlfa report reads", _prune_configs,
+            _prune),
     Command("analyze similarity", "cosine and linear CKA between English and each language, per layer",
             _similarity_configs, _similarity),
     Command("analyze ablate", "re-initialise encoder blocks before fine-tuning; compare the transfer gap",

@@ -12,6 +12,7 @@ from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.io import check_new_output, write_json_atomic
 from dlfa.modeling.modeling_dlfa import DLFA_CONFIG_NAME, DLFAModel
+from dlfa.reporting.prune import check_weights_present
 from dlfa.tasks import get_task
 
 
@@ -37,6 +38,7 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
         model_dir, run = run, run.parent
     else:
         model_dir = run / "best"
+    check_weights_present(model_dir)  # weights deleted by prune_run: say so, not "file missing"
     saved = _load_run_config(run)
     task = get_task(saved["task"])
     data_dir = Path(config.data_dir) if config.data_dir else Path(saved["data_dir"])

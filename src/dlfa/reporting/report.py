@@ -10,17 +10,28 @@ or both), grouped by (task, model, row) and aggregated over its seeds:
 * a cell is ``mean ± std (n)``: the mean over seeds, the *sample* standard deviation (n - 1 in the
   denominator; "–" when n = 1) and the number of seeds;
 * the score of one run is ``metrics.json["average"][primary_metric]``: the primary metric averaged over
-  **every** evaluated language, English included, as XTREME and the paper average. The zero-shot average
-  without English is in each run's ``average_zero_shot`` and in Table 4's per-language columns.
+  every language the run scored (XTREME and the paper include English). Every average is labelled with what it
+  holds, computed from the languages the runs actually scored ("avg of 21 incl. en", "avg of 20 targets (en
+  excluded)"); a run whose ``average`` is not the mean of its per-language scores is refused.
 
-Outputs (Markdown, CSV and LaTeX, each written atomically): Table 1 (task x row, best per column marked),
-Table 2 (averages over language groups), Table 4 (per-language scores), ``seeds`` (seeds and spread of every
-cell), the figures, and ``report.md`` that puts it all together with the command that produced it.
+A run whose selected checkpoint scores far below what the task normally reaches on English dev
+(:mod:`dlfa.reporting.references`) is listed under "Warnings" at the top of ``report.md``, and the layer-selection
+table never marks such a row as a plain "selected".
+
+Outputs (Markdown, CSV and booktabs LaTeX, each written atomically): Table 1 (task x row, best per column
+marked), Table 2 (averages over language groups), Table 4 (per-language scores), ``seeds`` (seeds and spread of
+every cell), the figures (PNG and PDF), and ``report.md`` that puts it all together with the command that produced
+it. Where they go (:func:`resolve_output`): the ``output`` given; else ``<RUN_DIR>/report`` for a single folder
+that is not itself a run (a sweep), or ``<sweep>/report`` when several folders all lie in one sweep folder;
+otherwise ``report-<hash>`` in the current folder, the hash naming the set of run folders (the same command
+updates the same folder). A folder is written only if it is new, empty, or was made by ``dlfa report`` (it holds
+``dlfa-report.json``): an existing file or anyone else's folder is refused, never replaced.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -29,15 +40,24 @@ import re
 import shlex
 import statistics
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from dlfa import __version__
 from dlfa.errors import DlfaInputError
-from dlfa.io import write_text_atomic
+from dlfa.io import write_json_atomic, write_text_atomic
+from dlfa.reporting.prune import PRUNED_FILE
 from dlfa.reporting.published import PUBLISHED, SOURCES, is_mbert, published_value
-from dlfa.reporting.tables import markdown_table
+from dlfa.reporting.references import SELECTION_LANGUAGE, check_selected_score, selection_floor
+from dlfa.reporting.tables import average_label, markdown_table
+
+if TYPE_CHECKING:
+    from dlfa.configs import ReportConfig
+
+__all__ = ["check_selected_score", "write_report", "run_report", "resolve_output", "Report"]
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
@@ -114,6 +134,13 @@ class RunResult:
     num_layers: int | None
     leaky: tuple[str, ...] = ()
     dev_score: float | None = None  # metrics["selection"]["best_score"]: English dev, the only selection signal
+    selection_language: str = SELECTION_LANGUAGE
+    pruned: bool = False  # its weights were deleted after it finished (pruned.json); the scores stand
+
+    @property
+    def dev_warning(self) -> str | None:
+        """The warning of :func:`check_selected_score` for this run's selected checkpoint, if any."""
+        return check_selected_score(self.task, self.metric, self.dev_score, self.selection_language)
 
 
 @dataclass
@@ -166,17 +193,25 @@ def load_run(folder: str | Path) -> RunResult:
         if not isinstance(scores, dict) or not _number(scores.get(metric)):
             raise bad(f"language {lang!r} has no number for {metric!r}")
         per_language[lang] = float(scores[metric])
+    # The tables label each average by the languages it holds: that label must describe the number.
+    mean = statistics.fmean(per_language.values())
+    if not math.isclose(avg[metric], mean, rel_tol=1e-6, abs_tol=1e-6):
+        raise bad(f"'average' {metric} {avg[metric]:.4f} is not the mean of its {len(per_language)} per-language "
+                  f"scores ({mean:.4f})")
     seed = data.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise bad(f"'seed' must be an integer, got {seed!r}")
     leaky = data.get("leaky_languages") or []
     selection = data.get("selection")
     dev_score = selection.get("best_score") if isinstance(selection, dict) else None
+    language = selection.get("language") if isinstance(selection, dict) else None
     return RunResult(
         path=folder, task=data["task"], model=data["model"], row=row_for(method, fuse_layer), seed=seed,
         metric=metric, score=float(avg[metric]), languages=per_language, num_layers=_num_layers(folder),
         leaky=tuple(str(x) for x in leaky) if isinstance(leaky, list) else (),
         dev_score=float(dev_score) if _number(dev_score) else None,
+        selection_language=language if isinstance(language, str) and language else SELECTION_LANGUAGE,
+        pruned=(folder / PRUNED_FILE).is_file(),
     )
 
 
@@ -298,7 +333,11 @@ def _slug(text: str) -> str:
 
 @dataclass
 class Table:
-    """One rendered table: plain-text cells, which of them are the best of their column, and CSV records."""
+    """One rendered table: plain-text cells, which of them are the best of their column, and CSV records.
+
+    ``title`` heads the Markdown table ("Table 1: ..."); ``caption`` is the LaTeX caption, without the "Table 1:"
+    that LaTeX adds itself (default: the title with such a prefix removed); ``key`` names its ``\\label``.
+    """
 
     title: str
     headers: list[str]
@@ -306,6 +345,15 @@ class Table:
     best: set[tuple[int, int]] = field(default_factory=set)  # (row, column) indices to bold
     notes: list[str] = field(default_factory=list)
     label_columns: int = 2
+    caption: str = ""
+    key: str = ""
+
+    def latex_caption(self) -> str:
+        return self.caption or re.sub(r"^Table\s+\d+\s*:\s*", "", self.title)
+
+    def latex_label(self) -> str:
+        key = self.key or self.title
+        return "tab:dlfa-" + (re.sub(r"[^A-Za-z0-9]+", "-", key).strip("-").lower() or "table")
 
 
 def _mark_best(table: Table, means: list[list[float | None]], columns: Iterable[int]) -> None:
@@ -328,23 +376,59 @@ def table_markdown(table: Table) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+# pdflatex reads ASCII safely; everything else dlfa writes gets a LaTeX spelling. Characters that OT1-encoded
+# text mode prints wrongly (|, <, >) get their text commands.
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}",
+                "±": r"$\pm$", "–": "--", "—": "---", "−": "$-$", "Δ": r"$\Delta$", "·": r"$\cdot$",
+                "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "≈": r"$\approx$", "→": r"$\rightarrow$",
+                "✓": r"yes", "✗": r"no", "…": r"\ldots{}", "‘": "`", "’": "'", "“": "``", "”": "''",
+                "\u00a0": "~"}
 
 
 def tex_escape(text: str) -> str:
-    out = "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
-    return out.replace("±", r"$\pm$").replace("–", "--").replace("Δ", r"$\Delta$").replace("−", "-")
+    """``text`` as pdflatex-safe ASCII LaTeX: specials escaped, known symbols as macros, accents dropped, and any
+    other character spelled ``[U+XXXX]`` (visible, never a compile error)."""
+    out = []
+    for ch in text:
+        if ch in _TEX_ESCAPES:
+            out.append(_TEX_ESCAPES[ch])
+        elif ch.isascii():
+            out.append(ch)
+        else:
+            base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+            out.append(tex_escape(base) if base and base.isascii() else f"[U+{ord(ch):04X}]")
+    return "".join(out)
+
+
+def _tex_cell(text: str) -> str:
+    """A table cell: escaped, with a minus sign (not a hyphen) before negative numbers."""
+    return re.sub(r"(?<![\w-])-(?=\d)", "$-$", tex_escape(text))
+
+
+def _tex_note(note: str) -> str:
+    """A note with its `code` spans in \\texttt."""
+    parts = note.split("`")
+    if len(parts) % 2 == 0:  # unbalanced backticks: no code spans
+        return tex_escape(note)
+    return "".join(rf"\texttt{{{tex_escape(p)}}}" if i % 2 else tex_escape(p) for i, p in enumerate(parts))
 
 
 def table_latex(table: Table) -> str:
+    """A booktabs table float (needs ``\\usepackage{booktabs}``): caption above, ``\\label``, notes below."""
     spec = "l" * table.label_columns + "r" * (len(table.headers) - table.label_columns)
-    lines = [f"% {table.title}", r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}",
-             r"\hline", " & ".join(tex_escape(h) for h in table.headers) + r" \\", r"\hline"]
+    lines = [f"% {tex_escape(table.title)}", r"% needs \usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
+             r"\small", rf"\caption{{{tex_escape(table.latex_caption())}}}", rf"\label{{{table.latex_label()}}}",
+             rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex_escape(h) for h in table.headers) + r" \\",
+             r"\midrule"]
     for r, row in enumerate(table.rows):
-        cells = [rf"\textbf{{{tex_escape(c)}}}" if (r, i) in table.best else tex_escape(c) for i, c in enumerate(row)]
+        cells = [rf"\textbf{{{_tex_cell(c)}}}" if (r, i) in table.best else _tex_cell(c) for i, c in enumerate(row)]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\hline", r"\end{tabular}", rf"\caption{{{tex_escape(table.title)}}}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        lines += [r"\par\smallskip", r"{\footnotesize"] + [_tex_note(n) + r"\par" for n in table.notes] + ["}"]
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
@@ -420,6 +504,28 @@ class Report:
         common = set.intersection(*sets) if sets else set()
         return sorted(common, key=lambda lang: (lang != "en", lang))
 
+    def average_label(self, task: str, runs: Sequence[RunResult] | None = None) -> str:
+        """What the runs' averages hold, from the languages they scored: ``avg of 21 incl. en``, ``avg of 20
+        targets (en excluded)``, or, where runs scored different sets, the range and how many included English."""
+        runs = [r for r in self.runs if r.task == task] if runs is None else list(runs)
+        sets = {frozenset(r.languages) for r in runs}
+        if len(sets) == 1:
+            return average_label(sorted(next(iter(sets))), SELECTION_LANGUAGE)
+        sizes = sorted({len(s) for s in sets})
+        count = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        with_en = sum(SELECTION_LANGUAGE in r.languages for r in runs)
+        en = ("incl. en" if with_en == len(runs) else "en excluded" if with_en == 0
+              else f"en in {with_en} of {len(runs)} runs")
+        return f"avg of {count} languages, sets differ ({en})"
+
+    def cell_warnings(self, task: str, model: str, row: Row) -> list[str]:
+        """The dev-score warnings of a cell's runs (:func:`check_selected_score`), one per run below the floor."""
+        return [f"{r.path}: {w}" for r in self.groups.get((task, model, row), []) if (w := r.dev_warning)]
+
+    def warnings(self) -> list[str]:
+        """Every run whose selected checkpoint is far below what the task reaches on English dev."""
+        return [f"{r.path}: {w}" for r in sorted(self.runs, key=lambda r: str(r.path)) if (w := r.dev_warning)]
+
     # Table 1 ---------------------------------------------------------------------------------------------------
 
     def table1(self) -> tuple[Table, list[dict[str, Any]]]:
@@ -430,12 +536,13 @@ class Report:
         columns: list[tuple[str, str]] = []  # (kind, task)
         for task in self.tasks:
             columns.append(("ours", task))
-            headers.append(f"{task} ({self.metric[task]})")
+            headers.append(f"{task} ({self.metric[task]}, {self.average_label(task)})")
             if task in paper_tasks:
                 columns.append(("paper", task))
                 headers.append(f"{task} paper")
-        table = Table("Table 1: average score over all evaluated languages (incl. en), mean ± sample std over "
-                      "seeds (n = seeds)", headers, [])
+        table = Table("Table 1: each run's average over the languages it scored (the header says which), mean ± "
+                      "sample std over seeds (n = seeds)", headers, [], key="table1")
+        flagged = False
         means: list[list[float | None]] = []
         records: list[dict[str, Any]] = []
         for model, row in self.row_keys:
@@ -448,7 +555,9 @@ class Report:
                     row_means.append(None)
                     continue
                 stat = self.cell(task, model, row)
-                cells.append("–" if stat is None else stat.text())
+                mark = " (!)" if self.cell_warnings(task, model, row) else ""
+                flagged = flagged or bool(mark)
+                cells.append("–" if stat is None else stat.text() + mark)
                 row_means.append(None if stat is None else stat.mean)
             table.rows.append(cells)
             means.append(row_means)
@@ -461,14 +570,23 @@ class Report:
                 stat = self.cell(task, model, row)
                 if stat is None:
                     continue
+                members = self.groups[(task, model, row)]
                 records.append({
                     "task": task, "model": model, "row": row.label, "metric": self.metric[task],
+                    "average_of": self.average_label(task, members),
                     "mean": stat.mean, "std": stat.std, "n": stat.n, "seeds": list(stat.seeds),
                     "best": "*" if (r, i + 2) in table.best else "",
                     "published": published_value(source, row.label, task) if source else None,
+                    "warning": len(self.cell_warnings(task, model, row)),
                 })
-        table.notes.append("Bold: best mean of the column. Each run's score is metrics.json `average` (the primary "
-                           "metric over every evaluated language, English included, as in XTREME).")
+        table.notes.append("Bold: best mean of the column. Each run's score is metrics.json `average`, the primary "
+                           "metric averaged over the languages the run scored (XTREME includes English).")
+        for task in self.tasks:
+            langs = self.task_languages(task)
+            table.notes.append(f"{task}: {self.average_label(task)}: {', '.join(langs)}.")
+        if flagged:
+            table.notes.append("(!): a run of the cell kept a checkpoint far below what the task reaches on English "
+                               "dev; its scores do not measure the method (see Warnings).")
         if paper_tasks:
             sources = sorted({s for m, _ in self.row_keys if (s := _published_for(m, self.options))})
             table.notes.append("'paper' columns: " + "; ".join(SOURCES[s] for s in sources) + " (single runs, "
@@ -485,7 +603,8 @@ class Report:
             used = [g for g, langs in present.items() if langs]
             headers = ["model", "row", "n seeds"] + [f"{g} ({len(present[g])}/{len(self.options.groups[g])})" for g in used]
             table = Table(f"Table 2 ({task}): {self.metric[task]} averaged over language groups, mean ± std over "
-                          "seeds", headers, [], label_columns=2)
+                          "seeds", headers, [], label_columns=2, key=f"table2-{task}",
+                          caption=f"{task}: {self.metric[task]} averaged over language groups, mean ± std over seeds")
             means: list[list[float | None]] = []
             for model, row in self.row_keys:
                 members = self.groups.get((task, model, row))
@@ -521,7 +640,8 @@ class Report:
         for task in self.tasks:
             langs = self.task_languages(task)
             table = Table(f"Table 4 ({task}): {self.metric[task]} per language, mean ± std over seeds",
-                          ["model", "row", "n seeds"] + langs, [], label_columns=2)
+                          ["model", "row", "n seeds"] + langs, [], label_columns=2, key=f"table4-{task}",
+                          caption=f"{task}: {self.metric[task]} per language, mean ± std over seeds")
             means: list[list[float | None]] = []
             for model, row in self.row_keys:
                 members = self.groups.get((task, model, row))
@@ -553,12 +673,14 @@ class Report:
             models = {m for m, _ in keys}
             names = [row.label if len(models) == 1 else f"{model_label(m)} {row.label}" for m, row in keys]
             table = Table(f"Table 4 ({task}) by language: {self.metric[task]}, mean ± std over seeds",
-                          ["language"] + names, [], label_columns=1)
+                          ["language"] + names, [], label_columns=1, key=f"table4-by-language-{task}",
+                          caption=f"{task}: {self.metric[task]} by language, mean ± std over seeds")
+            label = self.average_label(task)
             means: list[list[float | None]] = []
-            for lang in self.task_languages(task) + ["average"]:
-                cells, line = [lang], [None]
+            for lang in self.task_languages(task) + [None]:
+                cells, line = [label if lang is None else lang], [None]
                 for m, row in keys:
-                    stat = self.cell(task, m, row) if lang == "average" else self.language_cell(task, m, row, lang)
+                    stat = self.cell(task, m, row) if lang is None else self.language_cell(task, m, row, lang)
                     cells.append("–" if stat is None else stat.text(show_n=False))
                     line.append(None if stat is None else stat.mean)
                 table.rows.append(cells)
@@ -568,8 +690,8 @@ class Report:
                 if len(values) > 1:
                     table.best.update((r, c) for c, v in enumerate(line)
                                       if v is not None and math.isclose(v, max(values), abs_tol=1e-9))
-            table.notes.append("Bold: best mean of the line. average: metrics.json `average` (all evaluated "
-                               "languages, English included), as in Table 1.")
+            table.notes.append(f"Bold: best mean of the line. {label}: metrics.json `average` of each run (the "
+                               "languages it scored), as in Table 1.")
             tables.append(table)
         return tables
 
@@ -597,36 +719,47 @@ class Report:
 
     def selection_table(self) -> tuple[Table, list[dict[str, Any]]]:
         table = Table("Layer selection on English dev (the only selection signal): dev score of each row, its "
-                      "zero-shot average, and the paired difference to its base row over the same seeds",
+                      "average (Table 1), and the paired difference to its base row over the same seeds",
                       ["task", "model", "row", "en dev", "average (Table 1)", "Δ vs base (paired)", "selected"], [],
-                      label_columns=3)
+                      label_columns=3, key="selection")
         selected = self.selected_rows()
         records = []
+        flagged = False
         for task in self.tasks:
+            floor = selection_floor(task, self.metric[task])
             for model, row in self.row_keys:
                 dev, score = self.dev_cell(task, model, row), self.cell(task, model, row)
                 if dev is None or score is None:
                     continue
                 delta = self.paired_delta(task, model, row) if row.fuse_layer is not None else None
                 is_selected = selected.get((task, model, row.family)) == row
+                low = self.cell_warnings(task, model, row)
+                status = "yes (best en dev)" if is_selected else ""
+                if low:  # never a plain "selected": the checkpoint did not learn the task
+                    flagged = True
+                    below = f"{len(low)} of {dev.n} runs below the en-dev floor {floor.floor:.0f} (!)" if floor else "(!)"
+                    status = f"best en dev, but SUSPECT: {below}" if is_selected else below
                 table.rows.append([task, model_label(model), row.label, dev.text(), score.text(),
-                                   "–" if delta is None else delta.text(),
-                                   "✓ (best en dev)" if is_selected else ""])
+                                   "–" if delta is None else delta.text(), status])
                 records.append({"task": task, "model": model, "row": row.label, "dev_mean": dev.mean,
                                 "dev_std": dev.std, "mean": score.mean, "std": score.std, "n": score.n,
                                 "delta_mean": None if delta is None else delta.mean,
-                                "delta_std": None if delta is None else delta.std, "selected": is_selected})
+                                "delta_std": None if delta is None else delta.std, "selected": is_selected,
+                                "runs_below_floor": len(low), "floor": floor.floor if floor else None})
         table.notes.append("en dev: metrics.json `selection.best_score`, the English-dev score of the checkpoint "
                            "each run kept. The selected row of each method is the fused layer with the best mean "
                            "English-dev score; target-language scores play no part in the choice.")
+        if flagged:
+            table.notes.append("(!): runs whose kept checkpoint is far below what the task reaches on English dev "
+                               "(floors and their sources: dlfa.reporting.references); see Warnings.")
         return table, records
 
     # Seeds and spread --------------------------------------------------------------------------------------------
 
     def seeds_table(self) -> tuple[Table, list[dict[str, Any]]]:
-        table = Table("Seeds and spread of every cell (score = average over all evaluated languages)",
-                      ["task", "model", "row", "n", "seeds", "mean", "std", "min", "max", "max-min"], [],
-                      label_columns=3)
+        table = Table("Seeds and spread of every cell (score = each run's average over the languages it scored, as "
+                      "in Table 1)", ["task", "model", "row", "n", "seeds", "mean", "std", "min", "max", "max-min"],
+                      [], label_columns=3, key="seeds")
         records = []
         for task in self.tasks:
             for model, row in self.row_keys:
@@ -651,7 +784,7 @@ class Report:
         source = sources[0]
         rows_data = PUBLISHED[source]
         tasks = [t for t in TASK_ORDER if any(t in v for v in rows_data.values())]
-        table = Table(f"Published: {SOURCES[source]}", ["row"] + tasks, [], label_columns=1)
+        table = Table(f"Published: {SOURCES[source]}", ["row"] + tasks, [], label_columns=1, key="published")
         for row, values in rows_data.items():
             table.rows.append([row] + [f"{values[t]:.2f}" if t in values else "–" for t in tasks])
         return table
@@ -681,14 +814,16 @@ class Report:
 
     # Figures -----------------------------------------------------------------------------------------------------
 
-    def plot_layers(self, task: str, model: str, path: Path) -> bool:
-        """Score vs fused layer: mean with seed std as error bars, each seed as a dot, the base rows as bands."""
+    def plot_layers(self, task: str, model: str, path: Path) -> list[Path]:
+        """Score vs fused layer: mean with seed std as error bars, each seed as a dot, the base rows as bands.
+
+        Returns the files written (the PNG and the PDF beside it), none when the task has no fused row."""
         from dlfa.reporting.plots import _pyplot, save_figure
 
         rows = sorted({row for (t, m, row) in self.groups if t == task and m == model}, key=Row.sort_key)
         fused = [row for row in rows if row.fuse_layer is not None]
         if not fused:
-            return False
+            return []
         depth = [r.num_layers for (t, m, _), members in self.groups.items() if t == task and m == model
                  for r in members if r.num_layers]
         num_layers = max(depth) if depth else max(row.fuse_layer for row in fused) + 1
@@ -725,22 +860,25 @@ class Report:
         ax.set_xticks(range(1, num_layers))
         ax.set_xlim(0.5, num_layers - 0.5)
         ax.set_xlabel("fused layer x (D_x)")
-        ax.set_ylabel(f"{self.metric[task]} (average over languages)")
+        ax.set_ylabel(f"{self.metric[task]} ({self.average_label(task)})")
         ax.set_title(f"{task} · {model_label(model)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-        save_figure(fig, path)
+        written = save_figure(fig, path)
         plt.close(fig)
-        return True
+        return written
 
-    def plot_delta_heatmap(self, task: str, model: str, path: Path) -> bool:
-        """Per-language (D_x − its base row), mean over seeds; diverging colours centred at zero."""
-        from dlfa.reporting.plots import _pyplot, save_figure
+    def plot_delta_heatmap(self, task: str, model: str, path: Path) -> list[Path]:
+        """Per-language (D_x − its base row), mean over seeds; diverging colours centred at zero, each value
+        written on its cell in white or black, whichever reads better on the cell's colour.
+
+        Returns the files written (the PNG and the PDF beside it), none when no fused row has its base row."""
+        from dlfa.reporting.plots import _pyplot, annotate_cells, save_figure
 
         rows = sorted({row for (t, m, row) in self.groups if t == task and m == model and row.fuse_layer is not None
                        and (t, m, row.base) in self.groups}, key=Row.sort_key)
         if not rows:
-            return False
+            return []
         langs = self.task_languages(task)
         matrix: list[list[float]] = []
         for row in rows:
@@ -761,15 +899,12 @@ class Report:
         ax.set_xticks(range(len(langs)), langs, rotation=90 if len(langs) > 12 else 0)
         ax.set_yticks(range(len(rows)), [row.label for row in rows])
         if len(rows) * len(langs) <= 300:
-            for i, line in enumerate(matrix):
-                for j, value in enumerate(line):
-                    if not math.isnan(value):
-                        ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=6)
+            annotate_cells(ax, image, matrix, "{:+.1f}", fontsize=6)
         fig.colorbar(image, ax=ax, label=f"Δ {self.metric[task]} vs baseline")
         ax.set_title(f"{task} · {model_label(model)}: D_x − baseline per language (mean over seeds)")
-        save_figure(fig, path)
+        written = save_figure(fig, path)
         plt.close(fig)
-        return True
+        return written
 
 
 # -- writing -----------------------------------------------------------------------------------------------------
@@ -802,16 +937,128 @@ def load_groups(path: str | Path) -> dict[str, list[str]]:
     return {name: list(langs) for name, langs in data.items()}
 
 
+# -- where the report goes -----------------------------------------------------------------------------------
+
+REPORT_MARKER = "dlfa-report.json"
+REPORT_FORMAT = "dlfa-report"
+_SEED_DIR = re.compile(r"seed-\d+")
+
+
+def _as_folder(root: str | Path) -> Path:
+    root = Path(root)
+    return root.parent if root.name == METRICS_FILE and root.is_file() else root
+
+
+def _is_run_folder(folder: Path) -> bool:
+    if (folder / METRICS_FILE).is_file():
+        return True
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return _is_unfinished_run(folder, names)
+
+
+def _is_cell_path(parts: Sequence[str]) -> bool:
+    """``parts`` is (a prefix of) a sweep cell path ``<task>/<model>/<row>/seed-<s>``."""
+    if not 1 <= len(parts) <= 4 or parts[0] not in TASK_ORDER:
+        return False
+    return len(parts) < 4 or bool(_SEED_DIR.fullmatch(parts[3]))
+
+
+def _sweep_of(folder: Path) -> Path | None:
+    """The sweep folder ``folder`` lies in (the nearest ancestor of which it is a cell path), else itself when it
+    is not a run (a folder given as a whole), else None."""
+    for ancestor in folder.parents:
+        if _is_cell_path(folder.relative_to(ancestor).parts) and not _is_run_folder(ancestor):
+            return ancestor
+    return None if _is_run_folder(folder) else folder
+
+
+def resolve_output(roots: Sequence[str | Path], output: str | Path | None = None) -> tuple[Path, str]:
+    """Where ``dlfa report`` writes, and why there: ``(folder, reason)``.
+
+    * ``output`` when given;
+    * one folder that is not itself a run (a sweep, or a folder of runs): ``<folder>/report``;
+    * several folders that all lie in one sweep folder (``<sweep>/<task>/<model>/<row>/seed-<s>`` or a prefix of
+      it, or the sweep folder itself): ``<sweep>/report``;
+    * anything else (a single run, runs from different places): ``report-<hash>`` in the current folder, the
+      hash (8 hex digits of sha256) naming the set of run folders, so that the same command updates the same
+      folder and another set of runs never overwrites it. Never inside a run folder that was not asked for.
+    """
+    if not roots:
+        raise DlfaInputError("give at least one run folder")
+    if output is not None:
+        if not str(output).strip():
+            raise DlfaInputError("the output folder is an empty name", option="--output")
+        return Path(output), "given with --output"
+    folders = [_as_folder(r) for r in roots]
+    for folder in folders:
+        if not folder.is_dir():
+            raise DlfaInputError("run folder not found", path=folder)
+    resolved = sorted({f.resolve() for f in folders})
+    if len(resolved) == 1 and not _is_run_folder(resolved[0]):
+        return folders[0] / "report", "the report folder of the one folder given"
+    sweeps = {_sweep_of(f) for f in resolved}
+    if len(sweeps) == 1 and None not in sweeps:
+        sweep = sweeps.pop()
+        assert sweep is not None
+        return sweep / "report", "the report folder of the sweep that holds every folder given"
+    digest = hashlib.sha256("\n".join(map(str, resolved)).encode("utf-8")).hexdigest()[:8]
+    return Path(f"report-{digest}"), "named after the set of run folders (they share no sweep folder)"
+
+
+def _report_marker(output: Path) -> dict[str, Any] | None:
+    """The marker of a folder ``dlfa report`` made, or None. An older report (before markers) counts as made by
+    dlfa report when its report.md starts with the title this module writes."""
+    marker = output / REPORT_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("format") == REPORT_FORMAT else None
+    report_md = output / "report.md"
+    try:
+        with open(report_md, encoding="utf-8") as handle:
+            legacy = handle.readline().rstrip("\n") == "# DLFA report"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return {"format": REPORT_FORMAT, "files": [], "legacy": True} if legacy else None
+
+
+def check_output(output: str | Path) -> dict[str, Any] | None:
+    """Refuse an output that is an existing file, or an existing folder that ``dlfa report`` did not make (and
+    is not empty): dlfa never replaces what it did not create. Returns the earlier report's marker, if any."""
+    output = Path(output)
+    if output.is_symlink() and not output.is_dir():
+        raise DlfaInputError("the output is a symbolic link to no folder", path=output, option="--output")
+    if output.exists() and not output.is_dir():
+        raise DlfaInputError("the output exists and is a file, not a report folder", path=output, option="--output")
+    if not output.exists() or not any(output.iterdir()):
+        return None
+    marker = _report_marker(output)
+    if marker is None:
+        raise DlfaInputError(f"the output folder exists and was not made by dlfa report (no {REPORT_MARKER}); "
+                             "give a new or empty folder", path=output, option="--output")
+    return marker
+
+
+# -- writing it ----------------------------------------------------------------------------------------------
+
+
 def write_report(
     roots: Sequence[str | Path],
     output: str | Path | None = None,
     options: ReportOptions | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Collect, aggregate and write every table and figure; returns what was written."""
-    if not roots:
-        raise DlfaInputError("give at least one run folder")
-    output = Path(output) if output is not None else Path(roots[0]) / "report"
+    """Collect, aggregate and write every table and figure; returns what was written.
+
+    ``output``: see :func:`resolve_output` (None derives it) and :func:`check_output` (what is refused).
+    """
+    output, reason = resolve_output(roots, output)
+    previous = check_output(output)
     collected = collect_runs(roots, exclude=[output])
     report = Report(collected.runs, options)
     command = command or command_line()
@@ -837,36 +1084,44 @@ def write_report(
     put("table4_by_language.md", "\n".join(table_markdown(t) for t in by_language))
     put("table4_by_language.tex", "\n".join(table_latex(t) for t in by_language))
 
-    figures: list[Path] = []
+    figures: list[Path] = []  # the PNGs; each has a PDF beside it
     for task in report.tasks:
         for model in sorted({m for (t, m, _) in report.groups if t == task}):
-            layers = output / f"layers_{task}_{_slug(model)}.png"
-            if report.plot_layers(task, model, layers):
-                figures.append(layers)
-            heat = output / f"delta_{task}_{_slug(model)}.png"
-            if report.plot_delta_heatmap(task, model, heat):
-                figures.append(heat)
-    written += figures
+            for kind, plot in (("layers", report.plot_layers), ("delta", report.plot_delta_heatmap)):
+                files = plot(task, model, output / f"{kind}_{task}_{_slug(model)}.png")
+                figures += files[:1]
+                written += files
 
+    warnings = report.warnings()
     published = report.published_table()
     n_values = sorted({s.n for (t, m, row) in report.groups if (s := report.cell(t, m, row))})
     all_seeds = sorted({r.seed for r in report.runs if r.seed is not None})
     stds = [s.std for (t, m, row) in report.groups if (s := report.cell(t, m, row)) and s.std is not None]
+    pruned = sum(r.pruned for r in report.runs)
     lines = [
         "# DLFA report",
         "",
         f"Command: `{command}`  ",
         f"Run folders: {', '.join(f'`{r}`' for r in roots)}  ",
-        f"Finished runs: {len(report.runs)} in {len(report.groups)} cells; skipped: {len(collected.skipped)}.  ",
+        f"Output: `{output}` ({reason}).  ",
+        f"Finished runs: {len(report.runs)} in {len(report.groups)} cells; skipped: {len(collected.skipped)}"
+        + (f"; model weights pruned in {pruned} (scores unaffected)" if pruned else "") + ".  ",
         f"Seeds: {', '.join(map(str, all_seeds)) or 'not recorded'}; runs per cell (n): "
         f"{', '.join(map(str, n_values))} (per cell: see the seeds table).  ",
         "Spread: cells are mean ± sample standard deviation over seeds (n − 1 in the denominator; '–' when "
         "n = 1). " + (f"Std over cells: median {statistics.median(stds):.2f}, largest {max(stds):.2f}."
                       if stds else "No cell has more than one seed, so no spread can be given."),
         "",
-        "Score of a run: the primary metric (" + ", ".join(f"{t}: {report.metric[t]}" for t in report.tasks)
-        + ") averaged over every evaluated language **including English** (metrics.json `average`, the XTREME "
-        f"convention). Language groups (Table 2): {report.options.groups_source}.",
+    ]
+    if warnings:
+        lines += ["## Warnings", "",
+                  f"{len(warnings)} of {len(report.runs)} runs kept a checkpoint far below what the task reaches on "
+                  "English dev; their cells are marked (!) and their scores do not measure the method:", ""]
+        lines += [f"* {w}" for w in warnings] + [""]
+    lines += [
+        "Score of a run: metrics.json `average`, its primary metric averaged over the languages it scored: "
+        + "; ".join(f"{t} ({report.metric[t]}): {report.average_label(t)}" for t in report.tasks)
+        + f". Language groups (Table 2): {report.options.groups_source}.",
         "",
         table_markdown(t1),
     ]
@@ -876,13 +1131,36 @@ def write_report(
     if published is not None:
         lines.append(table_markdown(published))
     if figures:
-        lines += ["### Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+        lines += ["### Figures", "", "Each figure is also saved as PDF beside the PNG (same name, `.pdf`).", ""]
+        lines += [f"![{f.stem}]({f.name})" for f in figures] + [""]
     notes = report.notes()
     if notes:
         lines += ["### Notes", ""] + [f"* {note}" for note in notes] + [""]
     if collected.skipped:
         lines += ["### Skipped run folders", ""] + [f"* `{p}`: {why}" for p, why in collected.skipped] + [""]
-    lines += ["Files: " + ", ".join(f"`{p.name}`" for p in written), ""]
+    lines += ["Files: " + ", ".join(f"`{p.name}`" for p in written + [output / 'report.md']), ""]
     put("report.md", "\n".join(lines))
-    return {"output": str(output), "runs": len(report.runs), "skipped": [str(p) for p, _ in collected.skipped],
-            "files": [str(p) for p in written], "table1": table_markdown(t1)}
+
+    names = {p.name for p in written}
+    if previous:  # files an earlier report wrote and this one did not: stale, and dlfa's own
+        for name in previous.get("files") or []:
+            stale = output / name if isinstance(name, str) and name and Path(name).name == name else None
+            if stale is not None and name not in names and name != REPORT_MARKER and stale.is_file() \
+                    and not stale.is_symlink():
+                stale.unlink()
+    write_json_atomic(output / REPORT_MARKER, {
+        "format": REPORT_FORMAT, "dlfa_version": __version__, "command": command,
+        "runs": [str(r) for r in roots], "files": sorted(names),
+    })
+    return {"output": str(output), "output_reason": reason, "runs": len(report.runs),
+            "skipped": [str(p) for p, _ in collected.skipped], "files": [str(p) for p in written],
+            "table1": table_markdown(t1), "warnings": warnings}
+
+
+def run_report(config: ReportConfig, command: str | None = None) -> dict[str, Any]:
+    """Build the options from ``config`` and write the report (see :func:`write_report`)."""
+    options = ReportOptions(published=config.published)
+    if config.groups:
+        options.groups = load_groups(config.groups)
+        options.groups_source = f"from {config.groups}"
+    return write_report(config.runs, config.output, options, command)

@@ -391,6 +391,13 @@ class FinetuneRecipe:
         self.train_seconds = time.time() - started
         logger.info("training done in %.1fs; best English dev %s %.2f at step %d", self.train_seconds,
                     self.task.primary_metric, self.best["score"], self.best["step"])
+        from dlfa.reporting.references import check_selected_score
+
+        self.selection_warning = check_selected_score(self.task.name, self.task.primary_metric, self.best["score"],
+                                                      self.config.train_language)
+        if self.selection_warning and accelerator.is_main_process:
+            logger.warning(self.selection_warning)
+            print(f"dlfa: warning: {self.selection_warning}", file=sys.stderr)
 
     def _checkpoint(self, loop: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -458,6 +465,7 @@ class FinetuneRecipe:
                     "held_out_from_training_file": self.config.train_split == self.config.dev_split,
                     "best_step": self.best["step"],
                     "best_score": self.best["score"],
+                    "warning": self.selection_warning,
                     "history": self.history,
                 },
                 "languages": per_language,
@@ -504,6 +512,10 @@ class FinetuneRecipe:
             if self.accelerator.is_main_process:
                 # The run is complete: the resumption state (weights + optimizer moments) is no longer needed.
                 shutil.rmtree(self.output_dir / CHECKPOINT_DIR, ignore_errors=True)
+                if not self.config.keep_weights:
+                    from dlfa.reporting.prune import prune_run
+
+                    logger.info(prune_run(self.output_dir).summary())
             return result
         except BaseException as exc:
             if not started and getattr(self, "_created_output", False):
