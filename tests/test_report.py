@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from dlfa.cli.main import main
+from dlfa.configs import PruneConfig
 from dlfa.errors import DlfaInputError
 from dlfa.io import write_checksums
 from dlfa.reporting.plots import language_bars, relative_luminance, save_figure, text_color_for
-from dlfa.configs import PruneConfig
 from dlfa.reporting.prune import disk_usage, prune_run, run_prune
 from dlfa.reporting.published import PUBLISHED, is_mbert, published_value
 from dlfa.reporting.references import SELECTION_FLOORS, check_selected_score
@@ -691,10 +691,6 @@ def test_prune_only_a_finished_runs_own_weights(tmp_path):
     with pytest.raises(DlfaInputError, match="not a finished run"):
         prune_run(unfinished)
     assert (unfinished / "best/model.safetensors").is_file()
-    with pytest.raises(DlfaInputError, match="must be one of report, all"):
-        prune_run(run, keep="weights")
-
-    assert prune_run(run, keep="all").removed == [] and (best / "model.safetensors").is_file()
     result = prune_run(run)
     assert result.removed == ["best/model.safetensors"] and not result.kept
     assert result.bytes_freed == 4096 - (run / "pruned.json").stat().st_size  # the record costs a few hundred bytes
@@ -731,6 +727,7 @@ def test_run_prune_over_a_sweep(sweep):
 
 
 def test_evaluate_says_the_weights_were_pruned(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    from dlfa.configs import EvaluateConfig
     from dlfa.evaluation.run_eval import evaluate_run
     from dlfa.training.config import TrainConfig
     from dlfa.training.recipe import FinetuneRecipe
@@ -743,7 +740,15 @@ def test_evaluate_says_the_weights_were_pruned(tiny_model_dir, tiny_udpos_dir, t
     assert result.removed == ["best/model.safetensors"] and result.bytes_before == before
     assert disk_usage(run) == result.bytes_after < before
     with pytest.raises(DlfaInputError, match="were pruned after it finished") as info:
-        evaluate_run(run)
+        evaluate_run(EvaluateConfig(run=str(run)))
     assert str(run) in str(info.value)
     with pytest.raises(DlfaInputError, match="were pruned"):
-        evaluate_run(run / "best")  # the model folder itself
+        evaluate_run(EvaluateConfig(run=str(run / "best")))  # the model folder itself
+
+
+def test_keep_weights_off_prunes_a_finished_run(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir", str(tiny_udpos_dir),
+                 "--output", str(run), "--epochs", "1", "--batch-size", "4", "--no-keep-weights"]) == 0
+    assert (run / "metrics.json").is_file() and (run / "pruned.json").is_file()
+    assert not (run / "best" / "model.safetensors").exists() and (run / "best" / "config.json").is_file()
