@@ -31,7 +31,11 @@ def evaluate_run(
     batch_size: int = 64,
     max_examples: int | None = None,
     output: str | None = None,
+    scorer: str | None = None,
+    ud_preprocessing: str | None = None,
 ) -> dict[str, Any]:
+    """Score a run's selected model; ``scorer`` (``--scorer``) and ``ud_preprocessing`` (``--ud-preprocessing``)
+    default to what the run recorded, else to the task's defaults."""
     from transformers import AutoTokenizer
 
     run = Path(run)
@@ -43,9 +47,14 @@ def evaluate_run(
         raise DlfaInputError("run folder not found", path=run)
     config = _load_run_config(run)
     task = get_task(config["task"])
+    chosen = task.get_scorer(scorer if scorer is not None else config.get("scorer"))
+    if ud_preprocessing is not None and task.preprocessing_field != "ud_preprocessing":
+        raise DlfaInputError(f"applies to UD-POS runs only (this run is {task.name})", option="--ud-preprocessing")
+    preprocessing = task.preprocessing_from({**config, "ud_preprocessing": ud_preprocessing}
+                                            if ud_preprocessing is not None else config)
     data_dir = data_dir or config["data_dir"]
     langs = task.resolve_languages(data_dir, languages, option="--languages")
-    examples = {lang: task.read(data_dir, lang, task.eval_split)[:max_examples] for lang in langs}
+    examples = {lang: task.read(data_dir, lang, task.eval_split, preprocessing)[:max_examples] for lang in langs}
 
     model = DLFAModel.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -54,14 +63,16 @@ def evaluate_run(
     for lang in langs:
         features = task.featurize(examples[lang], tokenizer, config["max_length"])
         per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
-                                               desc=f"eval {lang}")
+                                               desc=f"eval {lang}", scorer=chosen.name)
     metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
     result = {
         "task": task.name,
         "model_dir": str(model_dir),
         "fuse_layer": model.config.fuse_layer,
-        "primary_metric": task.primary_metric,
+        "scorer": chosen.name,
+        "primary_metric": chosen.metric,
         "eval_split": task.eval_split,
+        **({"preprocessing": preprocessing} if preprocessing else {}),
         "data_dir": str(data_dir),
         "languages": per_language,
         "average": {m: average(per_language, m) for m in metric_names},

@@ -124,7 +124,8 @@ def run_cell(config: dict[str, Any], show_progress: bool = False, torch_threads:
         resumed = (run_dir / "checkpoint" / "state.json").is_file()
         result = recipe.run()
         score = result["average"][result["primary_metric"]]
-        return {"run_dir": str(run_dir), "status": "resumed" if resumed else "trained", "score": score}
+        return {"run_dir": str(run_dir), "status": "resumed" if resumed else "trained", "score": score,
+                "scorer": result.get("scorer")}
 
 
 def _run_local(cells: Sequence[TrainConfig], parallel: int) -> list[dict[str, Any]]:
