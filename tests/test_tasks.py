@@ -383,7 +383,7 @@ def test_collator_pads_pair_features(tiny_tokenizer):
 def test_pair_accuracy():
     pairs = [SentencePair("a", "b", label) for label in ("entailment", "neutral", "contradiction", "neutral")]
     metrics = XNLI.score(pairs, [{}] * 4, [0, 1, 1, 0])
-    assert metrics == {"accuracy": 50.0, "examples": 4}
+    assert metrics == {"scorer": "accuracy", "accuracy": 50.0, "examples": 4}
     assert isinstance(metrics["examples"], int)
     with pytest.raises(ValueError):
         XNLI.score(pairs, [{}] * 4, [0, 1])

@@ -14,6 +14,12 @@ N(0, initializer_range), biases 0, LayerNorm (1, 0), drawn from a generator seed
 global random stream, and with it the data order and dropout, is the same in both arms.
 
 Block numbering follows ``hidden_states``: block i produces ``hidden_states[i]``, i in 1..N.
+
+The English score of the gap comes from data that took no part in checkpoint selection. Where the English
+evaluation file is also the selection file (PAN-X: ``dev-en.tsv``, since XTREME withheld the test labels),
+both arms split the English selection examples by seed: a fraction (``english_holdout``, default 0.5) is
+held out and scores English, the rest selects the checkpoint. Elsewhere (UD-POS, XNLI: an English test file)
+the English score is the English test file's, as in an ordinary run. ``ablation.md`` says which.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +44,7 @@ from dlfa.training.recipe import CONFIG_FILE, METRICS_FILE, FinetuneRecipe
 logger = logging.getLogger("dlfa")
 
 UNABLATED = "unablated"
+DEFAULT_ENGLISH_HOLDOUT = 0.5  # fraction of the English selection examples that scores English instead
 
 
 def parse_layer_range(text: str, option: str = "--reinit-layers") -> list[int]:
@@ -107,7 +115,87 @@ def reinitialize_layers(encoder: nn.Module, layers: Sequence[int], seed: int, nu
     return count
 
 
-class AblationRecipe(FinetuneRecipe):
+def english_selection_overlap(task: Any, config: TrainConfig) -> list[Path]:
+    """The English evaluation files that also feed checkpoint selection (PAN-X: ``dev-en.tsv`` is both)."""
+    lang = config.train_language
+    evaluated = {p.resolve() for p in task.files(config.data_dir, lang, task.eval_split)}
+    selection = {p.resolve() for p in task.files(config.data_dir, lang, config.dev_split)}
+    return sorted(evaluated & selection)
+
+
+def check_english_holdout(value: float, option: str = "--english-holdout") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise DlfaInputError(f"must be a fraction strictly between 0 and 1, got {value!r}", option=option)
+
+
+class EnglishHoldoutRecipe(FinetuneRecipe):
+    """The fine-tuning recipe, with English scored on data that took no part in checkpoint selection.
+
+    When the English evaluation file is also the selection file, the selection examples are split by seed:
+    ``english_holdout`` of them score English (``metrics.json`` ``languages.en``), the rest select the
+    checkpoint. Otherwise nothing changes. ``metrics.json`` ``english_score`` says where the English score
+    came from. Both arms of the ablation use it, so they stay alike in everything but the re-initialisation.
+    """
+
+    def __init__(self, config: TrainConfig, english_holdout: float = DEFAULT_ENGLISH_HOLDOUT, **kwargs: Any) -> None:
+        check_english_holdout(english_holdout)
+        super().__init__(config, **kwargs)
+        self.english_holdout = float(english_holdout)
+        self._english_part: list | None = None
+        self.english_score: dict[str, Any] = {}
+
+    def _read_train_and_dev(self) -> tuple[list, list]:
+        train, dev = super()._read_train_and_dev()
+        cfg = self.config
+        if not english_selection_overlap(self.task, cfg):
+            return train, dev
+        order = list(range(len(dev)))
+        random.Random(f"dlfa-english-holdout:{cfg.seed}").shuffle(order)  # str seeds are hashed with SHA-512
+        cut = int(round(self.english_holdout * len(dev)))
+        if not 1 <= cut < len(dev):
+            raise DlfaInputError(f"{len(dev)} English selection examples are too few to hold out an English "
+                                 f"test part of {self.english_holdout:g}", option="--english-holdout")
+        self._english_part = [dev[i] for i in sorted(order[:cut])]
+        return train, [dev[i] for i in sorted(order[cut:])]
+
+    def _features(self, examples: list, language: str, split: str, subset: str) -> list[dict]:
+        # The split English examples are other subsets of the file than a plain run's: other cache keys.
+        if self._english_part is not None and language == self.config.train_language and subset.startswith(
+                ("select:", "eval:")):
+            subset = f"{subset}:english-holdout{self.english_holdout:g}-seed{self.config.seed}"
+        return super()._features(examples, language, split, subset)
+
+    def setup(self) -> None:
+        super().setup()
+        cfg, task = self.config, self.task
+        lang = cfg.train_language
+        names = ", ".join(p.name for p in task.files(cfg.data_dir, lang, task.eval_split)) or "none"
+        if lang not in self.eval_examples:
+            self.english_score = {"source": "none", "text": f"no English score (no {lang} {task.eval_split} file "
+                                  "evaluated), so no gap"}
+        elif self._english_part is not None:
+            self.eval_examples[lang] = self._english_part[: cfg.max_eval_examples]
+            self.english_score = {
+                "source": "held-out", "split": task.eval_split, "files": names,
+                "examples": len(self.eval_examples[lang]), "selection_examples": len(self.dev_examples),
+                "fraction": self.english_holdout,
+                "text": f"{len(self.eval_examples[lang])} {lang} examples of {names} held out by seed from checkpoint "
+                        f"selection (fraction {self.english_holdout:g}); the other {len(self.dev_examples)} "
+                        "selected the checkpoint",
+            }
+        else:
+            self.english_score = {
+                "source": "eval-split", "split": task.eval_split, "files": names,
+                "examples": len(self.eval_examples[lang]), "selection_examples": len(self.dev_examples),
+                "text": f"the {lang} {task.eval_split} file ({names}), which took no part in checkpoint selection "
+                        f"({lang} {cfg.dev_split})",
+            }
+
+    def _method_fields(self) -> dict[str, Any]:
+        return {**super()._method_fields(), "english_score": self.english_score}
+
+
+class AblationRecipe(EnglishHoldoutRecipe):
     """The fine-tuning recipe with some encoder blocks re-initialised before training.
 
     Uses the recipe's ``_build_model`` hook (re-initialise the new model before the optimizer is built) and
@@ -135,7 +223,8 @@ class AblationRecipe(FinetuneRecipe):
 
     def _method_fields(self) -> dict[str, Any]:
         # A method of its own, so that `dlfa report` never averages ablated with unablated runs.
-        return {"method": self.method, "fuse_layer": self.config.fuse_layer, "reinit_layers": self.reinit_layers}
+        return {**super()._method_fields(), "method": self.method, "fuse_layer": self.config.fuse_layer,
+                "reinit_layers": self.reinit_layers}
 
     def setup(self) -> None:
         super().setup()
@@ -170,8 +259,9 @@ def transfer_summary(result: dict[str, Any], train_language: str = "en") -> dict
     en = scores.get(train_language)
     target_avg = sum(targets.values()) / len(targets) if targets else None
     gap = en - target_avg if en is not None and target_avg is not None else None
-    return {"metric": metric, "en": en, "target_average": target_avg, "gap": gap, "languages": scores,
-            "seed": result.get("seed"), "method": result.get("method")}
+    return {"metric": metric, "scorer": result.get("scorer"), "en": en, "target_average": target_avg, "gap": gap,
+            "languages": scores, "seed": result.get("seed"), "method": result.get("method"),
+            "english_score": result.get("english_score")}
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -202,6 +292,7 @@ def comparison(unablated: dict[str, Any], ablated: dict[str, Any], name: str, co
     per_lang = [[lang, _fmt(base["languages"].get(lang)), _fmt(abl["languages"].get(lang)),
                  _fmt(_delta(abl["languages"].get(lang), base["languages"].get(lang)), True)] for lang in langs]
     targets = [lang for lang in langs if lang != config.train_language]
+    english = (base.get("english_score") or {}).get("text", "not recorded")
     md = "\n".join([
         f"# Layer re-initialisation ablation: {name}",
         "",
@@ -210,7 +301,9 @@ def comparison(unablated: dict[str, Any], ablated: dict[str, Any], name: str, co
         "same config and data order.  ",
         "Seeds: one per arm (n = 1), so no spread is estimated: compare with the seed spread of `dlfa report` "
         "before reading much into small deltas.  ",
-        f"Targets: {', '.join(targets) or 'none'} (average over these; the gap is en minus that average).",
+        f"Targets: {', '.join(targets) or 'none'} (average over these; the gap is en minus that average).  ",
+        f"English score: {english}.  ",
+        f"Scorer: {base.get('scorer') or 'not recorded'} (metric {metric}).",
         "",
         markdown_table(headers, rows),
         "",
@@ -218,7 +311,8 @@ def comparison(unablated: dict[str, Any], ablated: dict[str, Any], name: str, co
         "",
     ])
     data = {"command": command, "task": config.task, "model": config.model, "seed": config.seed,
-            "fuse_layer": config.fuse_layer, "metric": metric, "arms": {UNABLATED: base, name: abl},
+            "fuse_layer": config.fuse_layer, "metric": metric, "scorer": base.get("scorer"),
+            "english_score": base.get("english_score"), "arms": {UNABLATED: base, name: abl},
             "delta": {"en": _delta(abl["en"], base["en"]),
                       "target_average": _delta(abl["target_average"], base["target_average"]),
                       "gap": _delta(abl["gap"], base["gap"])}}
@@ -226,8 +320,14 @@ def comparison(unablated: dict[str, Any], ablated: dict[str, Any], name: str, co
 
 
 def run_ablation(config: TrainConfig, reinit_layers: Sequence[int], output: str | Path, overwrite: bool = False,
-                 resume: bool = False, command: str = "", show_progress: bool = True) -> dict[str, Any]:
-    """Train both arms (same seed) and write ablation.md / ablation.json into ``output``."""
+                 resume: bool = False, command: str = "", show_progress: bool = True,
+                 english_holdout: float = DEFAULT_ENGLISH_HOLDOUT) -> dict[str, Any]:
+    """Train both arms (same seed) and write ablation.md / ablation.json into ``output``.
+
+    ``english_holdout`` (``--english-holdout``): the fraction of English selection examples that scores English
+    when the English evaluation file is the selection file (see the module docstring).
+    """
+    check_english_holdout(english_holdout)
     from transformers import AutoConfig
 
     from dlfa.modeling.modeling_dlfa import encoder_num_layers
@@ -252,9 +352,11 @@ def run_ablation(config: TrainConfig, reinit_layers: Sequence[int], output: str 
         arm_config = dataclasses.replace(config, output_dir=str(output / arm))
         logger.info("ablation arm %s -> %s", arm, arm_config.output_dir)
         if arm == UNABLATED:
-            recipe = FinetuneRecipe(arm_config, overwrite=overwrite, resume=resume, show_progress=show_progress)
+            recipe = EnglishHoldoutRecipe(arm_config, english_holdout, overwrite=overwrite, resume=resume,
+                                          show_progress=show_progress)
         else:
-            recipe = AblationRecipe(arm_config, layers, overwrite=overwrite, resume=resume, show_progress=show_progress)
+            recipe = AblationRecipe(arm_config, layers, english_holdout=english_holdout, overwrite=overwrite,
+                                    resume=resume, show_progress=show_progress)
         results[arm] = recipe.run()
     md, data = comparison(results[UNABLATED], results[name], name, command, config.with_task_defaults())
     data["reinit_layers"] = layers

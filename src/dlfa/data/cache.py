@@ -2,7 +2,8 @@
 
 The key covers everything the features depend on: the tokenizer (a hash of its full serialized form), the
 task, the split, the language, the maximum length, the exact data files (path, size, modification time),
-the example subset and the featurization code version. Changing any of them gives another key, so stale
+the example subset, how the text was read (UD: XTREME's preprocessing or raw) and the featurization code
+version. Changing any of them gives another key, so stale
 entries are never hit. Entries are safetensors files (flat int arrays plus offsets; no pickle), written
 atomically with a checksum; a damaged entry is reported, deleted and rebuilt, never used.
 """
@@ -57,7 +58,9 @@ def file_fingerprint(paths: Sequence[Path]) -> list[list]:
 
 
 def cache_key(tokenizer, task: str, split: str, language: str, max_length: int, files: Sequence[Path],
-              subset: str = "all") -> str:
+              subset: str = "all", preprocessing: str | None = None) -> str:
+    """``preprocessing``: the reading of the files' text (``Task.read``); ``None`` for tasks read one way, and
+    then left out of the key, so that their keys are those of earlier dlfa versions."""
     parts = {
         "version": FEATURE_VERSION,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -68,6 +71,8 @@ def cache_key(tokenizer, task: str, split: str, language: str, max_length: int, 
         "files": file_fingerprint(files),
         "subset": subset,
     }
+    if preprocessing is not None:
+        parts["preprocessing"] = preprocessing
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 

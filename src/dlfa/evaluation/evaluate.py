@@ -1,8 +1,9 @@
-"""Zero-shot evaluation: predict with length-sorted batches, then score with the task's metric."""
+"""Zero-shot evaluation: predict with length-sorted batches, then score with one of the task's named scorers."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -61,11 +62,15 @@ def evaluate_examples(
     device: torch.device | str = "cpu",
     desc: str | None = None,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
+    scorer: str | None = None,
+) -> dict[str, Any]:
+    """The task's metrics for the model's predictions; ``scorer`` names one of ``task.scorers`` (``None``: the
+    task's default) and the returned dict carries that name under ``"scorer"``."""
+    chosen = task.get_scorer(scorer)  # an unknown name fails before the model runs
     predictions = predict(model, features, collator, batch_size, device, desc, autocast_dtype=autocast_dtype)
-    return task.score(examples, features, predictions)
+    return task.score(examples, features, predictions, scorer=chosen.name)
 
 
-def average(per_language: dict[str, dict[str, float]], metric: str, exclude: Sequence[str] = ()) -> float | None:
+def average(per_language: dict[str, dict[str, Any]], metric: str, exclude: Sequence[str] = ()) -> float | None:
     values = [m[metric] for lang, m in per_language.items() if lang not in exclude]
     return sum(values) / len(values) if values else None

@@ -41,13 +41,16 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     check_weights_present(model_dir)  # weights deleted by prune_run: say so, not "file missing"
     saved = _load_run_config(run)
     task = get_task(saved["task"])
+    chosen = task.get_scorer(config.scorer if config.scorer is not None else saved.get("scorer"))
+    preprocessing = task.preprocessing_from(saved)
     data_dir = Path(config.data_dir) if config.data_dir else Path(saved["data_dir"])
     if not data_dir.is_absolute() and not data_dir.is_dir() and not config.data_dir:
         raise DlfaInputError(f"the run's data folder {data_dir} is relative (saved by an older dlfa) and not found from "
                              "here; give --data-dir", option="--data-dir")
     task.check_data_dir(data_dir)
     langs = task.resolve_languages(data_dir, config.languages, option="--languages")
-    examples = {lang: task.read(data_dir, lang, task.eval_split)[:config.max_eval_examples] for lang in langs}
+    examples = {lang: task.read(data_dir, lang, task.eval_split, preprocessing)[:config.max_eval_examples]
+                for lang in langs}
     batch_size = config.batch_size
 
     model = DLFAModel.from_pretrained(model_dir)
@@ -57,14 +60,16 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     for lang in langs:
         features = task.featurize(examples[lang], tokenizer, saved["max_length"])
         per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
-                                               desc=f"eval {lang}")
+                                               desc=f"eval {lang}", scorer=chosen.name)
     metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
     result = {
         "task": task.name,
         "model_dir": str(model_dir),
         "fuse_layer": model.config.fuse_layer,
-        "primary_metric": task.primary_metric,
+        "scorer": chosen.name,
+        "primary_metric": chosen.metric,
         "eval_split": task.eval_split,
+        **({"preprocessing": preprocessing} if preprocessing else {}),
         "data_dir": str(data_dir),
         "languages": per_language,
         "average": {m: average(per_language, m) for m in metric_names},

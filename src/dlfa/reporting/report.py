@@ -13,6 +13,9 @@ or both), grouped by (task, model, row) and aggregated over its seeds:
   every language the run scored (XTREME and the paper include English). Every average is labelled with what it
   holds, computed from the languages the runs actually scored ("avg of 21 incl. en", "avg of 20 targets (en
   excluded)"); a run whose ``average`` is not the mean of its per-language scores is refused.
+* every table names the scorer behind its numbers (``metrics.json["scorer"]``, see ``dlfa.tasks.scoring``);
+  runs of one task scored by different scorers are refused, never averaged together. A metrics.json written
+  before dlfa named its scorers is read as the scorer dlfa used then (``LEGACY_SCORERS``), and a note says so.
 
 A run whose selected checkpoint scores far below what the task normally reaches on English dev
 (:mod:`dlfa.reporting.references`) is listed under "Warnings" at the top of ``report.md``, and the layer-selection
@@ -62,6 +65,8 @@ __all__ = ["check_selected_score", "write_report", "run_report", "resolve_output
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 TASK_ORDER = ("xnli", "pawsx", "panx", "udpos")
+# What dlfa scored with before metrics.json named a scorer (seqeval >= 1.2 for both tagging tasks).
+LEGACY_SCORERS = {"udpos": "seqeval", "panx": "seqeval-entity-f1", "xnli": "accuracy", "pawsx": "accuracy"}
 
 # Language groups of Table 2. "enf" is the paper's group (English and German); the others group the XTREME
 # languages by script and by family, so that a reader can see where fusion helps. A group is averaged over
@@ -135,6 +140,8 @@ class RunResult:
     leaky: tuple[str, ...] = ()
     dev_score: float | None = None  # metrics["selection"]["best_score"]: English dev, the only selection signal
     selection_language: str = SELECTION_LANGUAGE
+    scorer: str = ""  # metrics["scorer"], or LEGACY_SCORERS[task] for a metrics.json that names none
+    scorer_inferred: bool = False  # True when the scorer came from LEGACY_SCORERS
     pruned: bool = False  # its weights were deleted after it finished (pruned.json); the scores stand
 
     @property
@@ -174,6 +181,12 @@ def load_run(folder: str | Path) -> RunResult:
         if not isinstance(data.get(key), str) or not data[key]:
             raise bad(f"'{key}' missing or not a string")
     metric = data["primary_metric"]
+    scorer = data.get("scorer")
+    if scorer is not None and (not isinstance(scorer, str) or not scorer):
+        raise bad("'scorer' is not a string")
+    inferred = scorer is None
+    if inferred:
+        scorer = LEGACY_SCORERS.get(data["task"], "unnamed")
     method = data.get("method", "dlfa" if data.get("fuse_layer") is not None else "baseline")
     if not isinstance(method, str) or not method:
         raise bad("'method' is not a string")
@@ -209,7 +222,7 @@ def load_run(folder: str | Path) -> RunResult:
         path=folder, task=data["task"], model=data["model"], row=row_for(method, fuse_layer), seed=seed,
         metric=metric, score=float(avg[metric]), languages=per_language, num_layers=_num_layers(folder),
         leaky=tuple(str(x) for x in leaky) if isinstance(leaky, list) else (),
-        dev_score=float(dev_score) if _number(dev_score) else None,
+        dev_score=float(dev_score) if _number(dev_score) else None, scorer=scorer, scorer_inferred=inferred,
         selection_language=language if isinstance(language, str) and language else SELECTION_LANGUAGE,
         pruned=(folder / PRUNED_FILE).is_file(),
     )
@@ -478,12 +491,22 @@ class Report:
         self.groups = group_runs(self.runs)
         self.tasks = sorted({r.task for r in self.runs}, key=task_sort_key)
         self.metric = {task: next(r.metric for r in self.runs if r.task == task) for task in self.tasks}
+        self.scorer = {task: next(r.scorer for r in self.runs if r.task == task) for task in self.tasks}
         for run in self.runs:
             if run.metric != self.metric[run.task]:
                 raise DlfaInputError(f"primary metric {run.metric!r} differs from {self.metric[run.task]!r} of "
                                      f"other {run.task} runs", path=run.path / METRICS_FILE)
+            if run.scorer != self.scorer[run.task]:
+                raise DlfaInputError(f"scored by {run.scorer!r}, other {run.task} runs by "
+                                     f"{self.scorer[run.task]!r}; their numbers are not comparable (re-score with "
+                                     "`dlfa evaluate --scorer`, or report them separately)",
+                                     path=run.path / METRICS_FILE)
         self.row_keys = sorted({(r.model, r.row) for r in self.runs},
                                key=lambda mr: (model_label(mr[0]), mr[0], mr[1].sort_key()))
+
+    def measure(self, task: str) -> str:
+        """The metric and the scorer that made it, for table headers and captions: ``f1, xtreme-2020``."""
+        return f"{self.metric[task]}, {self.scorer[task]}"
 
     def cell(self, task: str, model: str, row: Row) -> Stat | None:
         members = self.groups.get((task, model, row))
@@ -536,7 +559,7 @@ class Report:
         columns: list[tuple[str, str]] = []  # (kind, task)
         for task in self.tasks:
             columns.append(("ours", task))
-            headers.append(f"{task} ({self.metric[task]}, {self.average_label(task)})")
+            headers.append(f"{task} ({self.measure(task)}, {self.average_label(task)})")
             if task in paper_tasks:
                 columns.append(("paper", task))
                 headers.append(f"{task} paper")
@@ -574,13 +597,15 @@ class Report:
                 records.append({
                     "task": task, "model": model, "row": row.label, "metric": self.metric[task],
                     "average_of": self.average_label(task, members),
+                    "scorer": self.scorer[task],
                     "mean": stat.mean, "std": stat.std, "n": stat.n, "seeds": list(stat.seeds),
                     "best": "*" if (r, i + 2) in table.best else "",
                     "published": published_value(source, row.label, task) if source else None,
                     "warning": len(self.cell_warnings(task, model, row)),
                 })
         table.notes.append("Bold: best mean of the column. Each run's score is metrics.json `average`, the primary "
-                           "metric averaged over the languages the run scored (XTREME includes English).")
+                           "metric averaged over the languages the run scored (XTREME includes English). "
+                           "Headers: task (metric, scorer, average).")
         for task in self.tasks:
             langs = self.task_languages(task)
             table.notes.append(f"{task}: {self.average_label(task)}: {', '.join(langs)}.")
@@ -591,6 +616,9 @@ class Report:
             sources = sorted({s for m, _ in self.row_keys if (s := _published_for(m, self.options))})
             table.notes.append("'paper' columns: " + "; ".join(SOURCES[s] for s in sources) + " (single runs, "
                                "other data versions; not marked as best).")
+            if "udpos" in paper_tasks:
+                table.notes.append("The paper does not say which seqeval made its UD-POS F1 (most likely 1.x, dlfa's "
+                                   f"scorer `seqeval`); ours here: `{self.scorer['udpos']}`.")
         return table, records
 
     # Table 2 ---------------------------------------------------------------------------------------------------
@@ -602,9 +630,9 @@ class Report:
             present = {g: [lang for lang in langs if lang in common] for g, langs in self.options.groups.items()}
             used = [g for g, langs in present.items() if langs]
             headers = ["model", "row", "n seeds"] + [f"{g} ({len(present[g])}/{len(self.options.groups[g])})" for g in used]
-            table = Table(f"Table 2 ({task}): {self.metric[task]} averaged over language groups, mean ± std over "
+            table = Table(f"Table 2 ({task}): {self.metric[task]} (scorer {self.scorer[task]}) averaged over language groups, mean ± std over "
                           "seeds", headers, [], label_columns=2, key=f"table2-{task}",
-                          caption=f"{task}: {self.metric[task]} averaged over language groups, mean ± std over seeds")
+                          caption=f"{task}: {self.metric[task]} (scorer {self.scorer[task]}) averaged over language groups, mean ± std over seeds")
             means: list[list[float | None]] = []
             for model, row in self.row_keys:
                 members = self.groups.get((task, model, row))
@@ -639,9 +667,9 @@ class Report:
         tables, records = [], []
         for task in self.tasks:
             langs = self.task_languages(task)
-            table = Table(f"Table 4 ({task}): {self.metric[task]} per language, mean ± std over seeds",
+            table = Table(f"Table 4 ({task}): {self.metric[task]} (scorer {self.scorer[task]}) per language, mean ± std over seeds",
                           ["model", "row", "n seeds"] + langs, [], label_columns=2, key=f"table4-{task}",
-                          caption=f"{task}: {self.metric[task]} per language, mean ± std over seeds")
+                          caption=f"{task}: {self.metric[task]} (scorer {self.scorer[task]}) per language, mean ± std over seeds")
             means: list[list[float | None]] = []
             for model, row in self.row_keys:
                 members = self.groups.get((task, model, row))
@@ -672,9 +700,9 @@ class Report:
             keys = [(m, row) for m, row in self.row_keys if (task, m, row) in self.groups]
             models = {m for m, _ in keys}
             names = [row.label if len(models) == 1 else f"{model_label(m)} {row.label}" for m, row in keys]
-            table = Table(f"Table 4 ({task}) by language: {self.metric[task]}, mean ± std over seeds",
+            table = Table(f"Table 4 ({task}) by language: {self.metric[task]} (scorer {self.scorer[task]}), mean ± std over seeds",
                           ["language"] + names, [], label_columns=1, key=f"table4-by-language-{task}",
-                          caption=f"{task}: {self.metric[task]} by language, mean ± std over seeds")
+                          caption=f"{task}: {self.metric[task]} (scorer {self.scorer[task]}) by language, mean ± std over seeds")
             label = self.average_label(task)
             means: list[list[float | None]] = []
             for lang in self.task_languages(task) + [None]:
@@ -807,6 +835,11 @@ class Report:
             if len(set(seeds)) < len(seeds):
                 notes.append(f"{key[0]} {model_label(key[1])} {key[2].label}: the same seed appears in several "
                              f"runs ({', '.join(str(r.path) for r in members)}); all are counted.")
+        for task in self.tasks:
+            inferred = [r for r in self.runs if r.task == task and r.scorer_inferred]
+            if inferred:
+                notes.append(f"{task}: {len(inferred)} run(s) name no scorer in metrics.json (written before dlfa "
+                             f"named its scorers); read as {self.scorer[task]!r}, what dlfa scored with then.")
         leaky = sorted({f"{r.task}:{lang}" for r in self.runs for lang in r.leaky})
         if leaky:
             notes.append(f"Leaky evaluations (scored on translations of the training file): {', '.join(leaky)}.")
@@ -860,7 +893,7 @@ class Report:
         ax.set_xticks(range(1, num_layers))
         ax.set_xlim(0.5, num_layers - 0.5)
         ax.set_xlabel("fused layer x (D_x)")
-        ax.set_ylabel(f"{self.metric[task]} ({self.average_label(task)})")
+        ax.set_ylabel(f"{self.measure(task)} ({self.average_label(task)})")
         ax.set_title(f"{task} · {model_label(model)}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -1120,7 +1153,8 @@ def write_report(
         lines += [f"* {w}" for w in warnings] + [""]
     lines += [
         "Score of a run: metrics.json `average`, its primary metric averaged over the languages it scored: "
-        + "; ".join(f"{t} ({report.metric[t]}): {report.average_label(t)}" for t in report.tasks)
+        + "; ".join(f"{t} ({report.metric[t]} by scorer `{report.scorer[t]}`): {report.average_label(t)}"
+                    for t in report.tasks)
         + f". Language groups (Table 2): {report.options.groups_source}.",
         "",
         table_markdown(t1),

@@ -1,8 +1,8 @@
 """What every task module provides, and the shared code for tagging and sentence-pair tasks.
 
-A task module (``udpos.py``, ...) holds its reader, label set, metric, default languages and default
-hyperparameters, and registers one :class:`Task` object in ``dlfa.tasks.TASKS``. Adding a task means
-adding one module.
+A task module (``udpos.py``, ...) holds its reader, label set, named scorers (``dlfa.tasks.scoring``),
+default languages and default hyperparameters, and registers one :class:`Task` object in
+``dlfa.tasks.TASKS``. Adding a task means adding one module.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dlfa.errors import DlfaInputError
+from dlfa.tasks.scoring import EXAMPLE_ACCURACY, Scorer, pick_scorer, scorer_registry
 
 SPLITS = ("train", "dev", "test")
 _LOOSE_LANGUAGE = r"[a-z]{2,3}(?:[_-][a-z0-9]+)*"
@@ -55,7 +57,14 @@ class Task(ABC):
     head: str  # "token" or "sequence" (see DLFAConfig.head)
     labels: tuple[str, ...]
     languages: tuple[str, ...]  # XTREME's language list for this task
-    primary_metric: str
+    # The named scorers (dlfa.tasks.scoring) a run may pick (TrainConfig.scorer, --scorer), and the default.
+    scorers: Mapping[str, Scorer] = {}
+    default_scorer: str = ""
+    # Ways of reading the data files' text (the first is the default); empty: one way. ``preprocessing_field``
+    # names the TrainConfig field that chooses it, ``preprocessing_option`` the command-line flag.
+    preprocessings: tuple[str, ...] = ()
+    preprocessing_field: str | None = None
+    preprocessing_option: str = "--preprocessing"
     eval_split: str = "test"  # where target languages are scored
     train_language: str = "en"
     defaults: Hyperparameters = Hyperparameters()
@@ -69,6 +78,43 @@ class Task(ABC):
     @property
     def label_to_id(self) -> dict[str, int]:
         return {label: i for i, label in enumerate(self.labels)}
+
+    # -- scorers -------------------------------------------------------------------------------------------
+
+    def get_scorer(self, name: str | None = None, option: str = "--scorer") -> Scorer:
+        """The scorer called ``name``; ``None`` is the task's default. An unknown name is a DlfaInputError."""
+        return pick_scorer(self.scorers, name, self.default_scorer, self.name, option)
+
+    @property
+    def primary_metric(self) -> str:
+        """The headline metric of the default scorer (``get_scorer(name).metric`` for another one)."""
+        return self.scorers[self.default_scorer].metric
+
+    # -- preprocessing -------------------------------------------------------------------------------------
+
+    def resolve_preprocessing(self, preprocessing: str | None) -> str | None:
+        """``None`` becomes the default; tasks read one way accept only ``None``."""
+        if not self.preprocessings:
+            if preprocessing is not None:
+                raise DlfaInputError(f"{self.name} data are read one way; there is no preprocessing to choose "
+                                     f"(got {preprocessing!r})", option=self.preprocessing_option)
+            return None
+        if preprocessing is None:
+            return self.preprocessings[0]
+        if preprocessing not in self.preprocessings:
+            raise DlfaInputError(f"must be one of {', '.join(self.preprocessings)}, got {preprocessing!r}",
+                                 option=self.preprocessing_option)
+        return preprocessing
+
+    def preprocessing_from(self, config: Any) -> str | None:
+        """The preprocessing a run config (a TrainConfig or its dict) asks for; ``None`` for one-way tasks."""
+        if self.preprocessing_field is None:
+            return None
+        if isinstance(config, Mapping):
+            value = config.get(self.preprocessing_field)
+        else:
+            value = getattr(config, self.preprocessing_field, None)
+        return self.resolve_preprocessing(value)
 
     # -- files ---------------------------------------------------------------------------------------------
 
@@ -128,8 +174,12 @@ class Task(ABC):
                 return ", ".join(names)
         return ", ".join(self.file_patterns)
 
-    def read(self, data_dir: str | Path, language: str, split: str) -> list:
-        """All examples of one language and split (several files, e.g. UD treebanks, are concatenated)."""
+    def read(self, data_dir: str | Path, language: str, split: str, preprocessing: str | None = None) -> list:
+        """All examples of one language and split (several files, e.g. UD treebanks, are concatenated).
+
+        ``preprocessing``: one of ``preprocessings`` (``None``: the default); only for tasks that have some.
+        """
+        preprocessing = self.resolve_preprocessing(preprocessing)
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise DlfaInputError("data folder not found", path=data_dir)
@@ -151,14 +201,16 @@ class Task(ABC):
             )
         if len(paths) > 1:
             _refuse_duplicates(paths)
+        # Tasks read one way keep their two-argument read_language_file / one-argument read_file.
+        kwargs = {} if preprocessing is None else {"preprocessing": preprocessing}
         examples: list = []
         for path in paths:
-            examples.extend(self.read_language_file(path, language))
+            examples.extend(self.read_language_file(path, language, **kwargs))
         return examples
 
-    def read_language_file(self, path: Path, language: str) -> list:
+    def read_language_file(self, path: Path, language: str, **kwargs: Any) -> list:
         """The examples of ``language`` in one file; files holding several languages override this."""
-        return self.read_file(path)
+        return self.read_file(path, **kwargs)
 
     def resolve_languages(self, data_dir: str | Path, requested: Sequence[str] | None, option: str) -> list[str]:
         """Expand ``None``/``all`` to every language with an evaluation file; check the others exist."""
@@ -187,8 +239,10 @@ class Task(ABC):
         """Model features for the examples."""
 
     @abstractmethod
-    def score(self, examples: Sequence, features: Sequence[dict], predictions: Sequence) -> dict[str, float]:
-        """Metrics (in percent) from per-feature predictions (see ``dlfa.evaluation``)."""
+    def score(self, examples: Sequence, features: Sequence[dict], predictions: Sequence,
+              scorer: str | None = None) -> dict[str, Any]:
+        """Metrics (in percent) from per-feature predictions (see ``dlfa.evaluation``), by the named scorer
+        (``None``: the default); the dict carries the scorer's name under ``"scorer"``."""
 
 
 def shown(value: str, limit: int = 80) -> str:
@@ -228,19 +282,21 @@ class TaggingTask(Task):
 
         return tokenize_tagged(examples, tokenizer, self.label_to_id, max_length)
 
-    def score(self, examples: Sequence, features: Sequence[dict], predictions: Sequence) -> dict[str, float]:
+    def score(self, examples: Sequence, features: Sequence[dict], predictions: Sequence,
+              scorer: str | None = None) -> dict[str, Any]:
         from dlfa.data.features import sentence_predictions
 
+        chosen = self.get_scorer(scorer)  # before the work: an unknown name fails fast
         predicted, unaligned = sentence_predictions(
             features, predictions, [len(s.words) for s in examples], self.labels, self.fallback_label
         )
-        metrics = self.tag_metrics([s.tags for s in examples], predicted)
+        metrics = chosen([s.tags for s in examples], predicted)
         metrics["unaligned_words"] = unaligned
         return metrics
 
-    @abstractmethod
-    def tag_metrics(self, gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
-        """Metrics over per-sentence tag sequences."""
+    def tag_metrics(self, gold: list[list[str]], predicted: list[list[str]], scorer: str | None = None) -> dict:
+        """Metrics over per-sentence tag sequences, by the named scorer (``None``: the default)."""
+        return self.get_scorer(scorer)(gold, predicted)
 
 
 # -- sentence-pair classification -----------------------------------------------------------------------------
@@ -277,7 +333,8 @@ class PairClassificationTask(Task):
     """Sentence-pair classification (XNLI, PAWS-X): one label per pair, scored by accuracy."""
 
     head = "sequence"
-    primary_metric = "accuracy"
+    scorers = scorer_registry(EXAMPLE_ACCURACY)
+    default_scorer = "accuracy"
     one_file_per_language = True
 
     def featurize(self, examples: Sequence[SentencePair], tokenizer, max_length: int) -> list[dict]:
@@ -302,11 +359,13 @@ class PairClassificationTask(Task):
                 features.append(feature)
         return features
 
-    def score(self, examples: Sequence[SentencePair], features: Sequence[dict], predictions: Sequence) -> dict:
+    def score(self, examples: Sequence[SentencePair], features: Sequence[dict], predictions: Sequence,
+              scorer: str | None = None) -> dict[str, Any]:
         """Accuracy in percent from one predicted label id per feature (features and examples are 1:1)."""
-        label_to_id = self.label_to_id
-        correct = sum(
-            int(predicted) == label_to_id[example.label]
-            for example, predicted in zip(examples, predictions, strict=True)
-        )
-        return {"accuracy": 100.0 * correct / max(len(examples), 1), "examples": len(examples)}
+        chosen = self.get_scorer(scorer)
+        gold = [example.label for example in examples]
+        if len(gold) != len(predictions):
+            raise ValueError(f"{len(gold)} examples but {len(predictions)} predictions")
+        if any(not 0 <= int(p) < len(self.labels) for p in predictions):
+            raise ValueError(f"a predicted label id is outside 0..{len(self.labels) - 1}")
+        return chosen(gold, [self.labels[int(p)] for p in predictions])

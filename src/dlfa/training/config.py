@@ -152,12 +152,11 @@ class TrainConfig(TrainOptions):
     def check(self) -> None:
         super().check()
         if self.scorer is not None:
-            from dlfa.tasks import get_task
+            from dlfa.tasks import get_task  # light: the task modules import their scorers lazily
 
-            scorers = getattr(get_task(self.task), "scorers", None)
-            if scorers is not None and self.scorer not in scorers:
-                raise DlfaInputError(f"unknown scorer {self.scorer!r} for {self.task} (known: "
-                                     f"{', '.join(sorted(scorers))})", option="--scorer")
+            get_task(self.task).get_scorer(self.scorer)
+        if self.ud_preprocessing != "xtreme" and self.task != "udpos":
+            raise DlfaInputError(f"applies to udpos only, not {self.task}", option="--ud-preprocessing")
 
     def with_task_defaults(self) -> TrainConfig:
         """A copy where every unset optimisation field holds the task's default."""

@@ -98,6 +98,9 @@ class FinetuneRecipe:
             raise DlfaInputError(f"{type(self).__name__} runs method {self.training_method!r}, not {cfg.method!r} "
                                  "(`dlfa train` picks the recipe of each method)", option="--method")
         self.task = task = get_task(cfg.task)
+        # The named scorer (None: the task's default) and how UD text is read; both checked before writing.
+        self.scorer = task.get_scorer(cfg.scorer)
+        self.preprocessing = task.preprocessing_from(cfg)
         task.check_data_dir(cfg.data_dir)
         self.languages = task.resolve_languages(cfg.data_dir, cfg.languages, option="--languages")
         self.leaky_languages = check_honest_evaluation(
@@ -119,7 +122,7 @@ class FinetuneRecipe:
         self.tokenizer = load_tokenizer(self.model_path)
         train_examples, dev_examples = self._read_train_and_dev()
         self.eval_examples = {
-            lang: _subset(task.read(cfg.data_dir, lang, task.eval_split), cfg.max_eval_examples)
+            lang: _subset(task.read(cfg.data_dir, lang, task.eval_split, self.preprocessing), cfg.max_eval_examples)
             for lang in self.languages
         }
 
@@ -245,7 +248,7 @@ class FinetuneRecipe:
     def _read_train_and_dev(self) -> tuple[list, list]:
         """English train and selection examples; one file is split by seed when both name the same split."""
         cfg, task = self.config, self.task
-        train = task.read(cfg.data_dir, cfg.train_language, cfg.train_split)
+        train = task.read(cfg.data_dir, cfg.train_language, cfg.train_split, self.preprocessing)
         if cfg.train_split == cfg.dev_split:
             order = list(range(len(train)))
             random.Random(cfg.seed).shuffle(order)
@@ -256,13 +259,14 @@ class FinetuneRecipe:
             dev = [train[i] for i in sorted(order[:cut])]
             train = [train[i] for i in sorted(order[cut:])]
         else:
-            dev = task.read(cfg.data_dir, cfg.train_language, cfg.dev_split)
+            dev = task.read(cfg.data_dir, cfg.train_language, cfg.dev_split, self.preprocessing)
         return _subset(train, cfg.max_train_examples), _subset(dev, cfg.max_dev_examples)
 
     def _features(self, examples: list, language: str, split: str, subset: str) -> list[dict]:
         cfg = self.config
         files = self.task.files(cfg.data_dir, language, split)
-        key = cache_key(self.tokenizer, self.task.name, split, language, cfg.max_length, files, subset)
+        key = cache_key(self.tokenizer, self.task.name, split, language, cfg.max_length, files, subset,
+                        preprocessing=self.preprocessing)
         return self.feature_cache.get_or_build(
             key, lambda: self.task.featurize(examples, self.tokenizer, cfg.max_length)
         )
@@ -295,6 +299,8 @@ class FinetuneRecipe:
             "resolved": {
                 "model_path": self.model_path,
                 "num_layers": self.num_layers,
+                "scorer": self.scorer.name,
+                "preprocessing": self.preprocessing,
                 "languages": self.languages,
                 "total_steps": self.total_steps,
                 "train_features": len(self.train_features),
@@ -390,10 +396,10 @@ class FinetuneRecipe:
             progress.close()  # before any error message: a bar left open would swallow its line
         self.train_seconds = time.time() - started
         logger.info("training done in %.1fs; best English dev %s %.2f at step %d", self.train_seconds,
-                    self.task.primary_metric, self.best["score"], self.best["step"])
+                    self.scorer.metric, self.best["score"], self.best["step"])
         from dlfa.reporting.references import check_selected_score
 
-        self.selection_warning = check_selected_score(self.task.name, self.task.primary_metric, self.best["score"],
+        self.selection_warning = check_selected_score(self.task.name, self.scorer.metric, self.best["score"],
                                                       self.config.train_language)
         if self.selection_warning and accelerator.is_main_process:
             logger.warning(self.selection_warning)
@@ -413,13 +419,14 @@ class FinetuneRecipe:
             metrics = evaluate_examples(
                 self.task, model, self.dev_examples, self.dev_features, self.collator, self.config.eval_batch_size,
                 accelerator.device, desc="dev" if self.show_progress else None, autocast_dtype=self._autocast_dtype(),
+                scorer=self.scorer.name,
             )
-            score = metrics[self.task.primary_metric]
+            score = metrics[self.scorer.metric]
             record = {"step": step, "epoch": epoch, "train_loss": train_loss, "dev": metrics, "score": score}
             self.history.append(record)
             improved = self.best is None or score > self.best["score"]
             logger.info("step %d epoch %d loss %.4f | %s dev %s %.2f%s", step, epoch, train_loss,
-                        self.config.train_language, self.task.primary_metric, score, " (best)" if improved else "")
+                        self.config.train_language, self.scorer.metric, score, " (best)" if improved else "")
             if improved:
                 self.best = record
                 with atomic_path(self.output_dir / BEST_DIR, replace_folder=True) as tmp:
@@ -445,7 +452,7 @@ class FinetuneRecipe:
                 per_language[lang] = evaluate_examples(
                     self.task, model, self.eval_examples[lang], features, self.collator, self.config.eval_batch_size,
                     accelerator.device, desc=f"eval {lang}" if self.show_progress else None,
-                    autocast_dtype=self._autocast_dtype(),
+                    autocast_dtype=self._autocast_dtype(), scorer=self.scorer.name,
                 )
                 if lang in self.leaky_languages:
                     per_language[lang]["leaky"] = True
@@ -457,8 +464,10 @@ class FinetuneRecipe:
                 "model": self.config.model,
                 **self._method_fields(),
                 "seed": self.config.seed,
-                "primary_metric": self.task.primary_metric,
+                "scorer": self.scorer.name,
+                "primary_metric": self.scorer.metric,
                 "eval_split": self.task.eval_split,
+                **({"preprocessing": self.preprocessing} if self.preprocessing else {}),
                 "selection": {
                     "language": self.config.train_language,
                     "split": self.config.dev_split,

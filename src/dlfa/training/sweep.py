@@ -124,7 +124,8 @@ def run_cell(config: dict[str, Any], show_progress: bool = False, torch_threads:
                 return {**record, "status": "finished before"}
             resumed = (run_dir / "checkpoint" / "state.json").is_file()
             result = recipe.run()
-            record.update(status="resumed" if resumed else "trained", score=result["average"][result["primary_metric"]])
+            record.update(status="resumed" if resumed else "trained", score=result["average"][result["primary_metric"]],
+                          scorer=result.get("scorer"))
     except (DlfaInputError, OSError, RuntimeError, ValueError, MemoryError) as exc:
         record.update(status="failed", error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
     record["seconds"] = time.time() - started
