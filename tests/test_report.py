@@ -130,7 +130,7 @@ def test_write_report_files_and_contents(sweep, tmp_path):
     assert "**75.00 ± 2.00 (n=3)**" in md and " 72.00 ± 2.00 (n=3) |" in md
     tex = (out / "table1.tex").read_text()
     assert r"\textbf{75.00 $\pm$ 2.00 (n=3)}" in tex and r"D\_2" in tex and r"\begin{tabular}{llrr}" in tex
-    assert "xnli (accuracy, avg of 3 incl. en)" in md
+    assert "xnli (accuracy, accuracy, avg of 3 incl. en)" in md
 
     report = (out / "report.md").read_text()
     assert "Command: `" in report  # sys.argv: here pytest's, from a shell `dlfa report ...`
@@ -407,9 +407,9 @@ def test_average_labels_follow_the_scored_languages(tmp_path):
     out = tmp_path / "report"
     write_report([root], out)
     md = (out / "table1.md").read_text(encoding="utf-8")
-    assert "xnli (accuracy, avg of 2 targets (en excluded))" in md and "incl. en" not in md
+    assert "xnli (accuracy, accuracy, avg of 2 targets (en excluded))" in md and "incl. en" not in md
     report_md = (out / "report.md").read_text(encoding="utf-8")
-    assert "xnli (accuracy): avg of 2 targets (en excluded)" in report_md
+    assert "xnli (accuracy by scorer `accuracy`): avg of 2 targets (en excluded)" in report_md
     assert "including English" not in report_md and "incl. en" not in report_md
     assert {r["average_of"] for r in _csv(out / "table1.csv")} == {"avg of 2 targets (en excluded)"}
     by_language = (out / "table4_by_language.md").read_text(encoding="utf-8")

@@ -8,7 +8,6 @@ dependency.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -274,7 +273,7 @@ def test_xtreme_preprocessing_drops_sentences_without_text_and_refuses_empty_wor
 def test_preprocessing_from_a_run_config_and_the_cache_key(tiny_tokenizer, tmp_path):
     assert UDPOS.preprocessing_from({}) == "xtreme"
     assert UDPOS.preprocessing_from({"ud_preprocessing": "raw"}) == "raw"
-    assert UDPOS.preprocessing_from(TrainConfig()) == "xtreme"  # the field's default, or (absent) the task's
+    assert UDPOS.preprocessing_from(TrainConfig(task="udpos", data_dir="d", output_dir="o")) == "xtreme"  # the field's default, or (absent) the task's
     assert PANX.preprocessing_from({"ud_preprocessing": "raw"}) is None
     files = [write_conllu(tmp_path / "en-test.conllu", [[("a", "DET")]])]
     keys = {cache_key(tiny_tokenizer, "udpos", "test", "en", 128, files, "all", preprocessing=p)
@@ -301,21 +300,14 @@ def test_real_ud_test_files_words_changed_by_xtreme_preprocessing():
 # -- plumbing: recipe, metrics.json, dlfa evaluate, report -----------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Config(TrainConfig):
-    """TrainConfig with the two fields the lead adds to it (identical definitions; harmless once they exist)."""
-
-    scorer: str | None = None
-    ud_preprocessing: str = "xtreme"
-
-
 def test_run_names_its_scorer_everywhere(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    from dlfa.configs import EvaluateConfig
     from dlfa.evaluation.run_eval import evaluate_run
     from dlfa.reporting.report import write_report
     from dlfa.training.recipe import FinetuneRecipe
 
     out = tmp_path / "runs" / "acc"
-    config = _Config(task="udpos", model=str(tiny_model_dir), data_dir=str(tiny_udpos_dir), output_dir=str(out),
+    config = TrainConfig(task="udpos", model=str(tiny_model_dir), data_dir=str(tiny_udpos_dir), output_dir=str(out),
                      languages=["de"], max_steps=2, batch_size=4, seed=1, cpu=True, scorer="accuracy",
                      ud_preprocessing="raw")
     result = FinetuneRecipe(config, show_progress=False).run()
@@ -327,32 +319,31 @@ def test_run_names_its_scorer_everywhere(tiny_model_dir, tiny_udpos_dir, tmp_pat
     assert json.loads((out / "config.json").read_text())["resolved"]["scorer"] == "accuracy"
 
     # dlfa evaluate: the run's scorer by default, another one when asked.
-    again = evaluate_run(out, languages=["de"])
+    again = evaluate_run(EvaluateConfig(run=str(out), languages=["de"]))
     assert again["scorer"] == "accuracy" and again["primary_metric"] == "accuracy"
     assert again["languages"]["de"]["accuracy"] == pytest.approx(saved["languages"]["de"]["accuracy"])
-    other = evaluate_run(out, languages=["de"], scorer="xtreme-2020", ud_preprocessing="xtreme")
+    other = evaluate_run(EvaluateConfig(run=str(out), languages=["de"], scorer="xtreme-2020", ud_preprocessing="xtreme"))
     assert other["scorer"] == "xtreme-2020" and other["primary_metric"] == "f1" and other["preprocessing"] == "xtreme"
     with pytest.raises(DlfaInputError, match="option --scorer: unknown scorer"):
-        evaluate_run(out, scorer="f1")
+        evaluate_run(EvaluateConfig(run=str(out), scorer="f1"))
 
     # The report names the scorer in its headers and refuses to average runs of different scorers.
     report = write_report([tmp_path / "runs"], tmp_path / "report", command="dlfa report")
-    assert "udpos (accuracy, accuracy)" in report["table1"]
+    assert "udpos (accuracy, accuracy, avg of" in report["table1"]
     assert "(scorer accuracy)" in (tmp_path / "report" / "table4.md").read_text()
 
 
 def test_bad_scorer_is_refused_before_anything_is_written(tiny_model_dir, tiny_udpos_dir, tmp_path):
-    from dlfa.training.recipe import FinetuneRecipe
 
     out = tmp_path / "run"
-    config = _Config(task="udpos", model=str(tiny_model_dir), data_dir=str(tiny_udpos_dir), output_dir=str(out),
-                     max_steps=1, cpu=True, scorer="f1")
+    common = {"task": "udpos", "model": str(tiny_model_dir), "data_dir": str(tiny_udpos_dir), "output_dir": str(out),
+              "max_steps": 1, "cpu": True}
     with pytest.raises(DlfaInputError, match="unknown scorer 'f1' for udpos"):
-        FinetuneRecipe(config, show_progress=False).setup()
-    assert not out.exists()
-    config = dataclasses.replace(config, scorer=None, ud_preprocessing="none")
+        TrainConfig(**common, scorer="f1")  # the config refuses it, before any recipe exists
     with pytest.raises(DlfaInputError, match="option --ud-preprocessing"):
-        FinetuneRecipe(config, show_progress=False).setup()
+        TrainConfig(**common, ud_preprocessing="none")
+    with pytest.raises(DlfaInputError, match="option --ud-preprocessing: applies to udpos only"):
+        TrainConfig(**{**common, "task": "panx"}, ud_preprocessing="raw")
     assert not out.exists()
 
 
@@ -372,7 +363,7 @@ def test_report_names_scorers_and_never_mixes_them(tmp_path):
     report = Report([old])
     assert any("name no scorer" in note and "'seqeval'" in note for note in report.notes())
     table, records = report.table1()
-    assert table.headers[2] == "udpos (f1, seqeval)" and records[0]["scorer"] == "seqeval"
+    assert table.headers[2].startswith("udpos (f1, seqeval, avg of") and records[0]["scorer"] == "seqeval"
 
     new = load_run(_metrics_file(tmp_path / "new", scorer="xtreme-2020"))
     assert new.scorer == "xtreme-2020" and not new.scorer_inferred

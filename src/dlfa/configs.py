@@ -38,6 +38,8 @@ class EvaluateConfig(Config):
     batch_size: int = option(64, low=1, high=65536, help="evaluation batch size")
     max_eval_examples: int | None = option(None, low=1, help="score the first N examples of each language only")
     scorer: str | None = option(None, help="scorer (UD-POS: xtreme-2020, seqeval, accuracy); none = the run's")
+    ud_preprocessing: Literal["xtreme", "raw"] | None = option(None, help="UD-POS words: xtreme or raw; none = the "
+                                                                          "run's")
     output: str | None = option(None, help="write the metrics JSON to this new file; none = print only")
 
     def check(self) -> None:

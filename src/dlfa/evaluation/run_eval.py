@@ -42,7 +42,10 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     saved = _load_run_config(run)
     task = get_task(saved["task"])
     chosen = task.get_scorer(config.scorer if config.scorer is not None else saved.get("scorer"))
-    preprocessing = task.preprocessing_from(saved)
+    if config.ud_preprocessing is not None and task.name != "udpos":
+        raise DlfaInputError(f"applies to UD-POS runs only (this run is {task.name})", option="--ud-preprocessing")
+    preprocessing = task.preprocessing_from({**saved, "ud_preprocessing": config.ud_preprocessing}
+                                            if config.ud_preprocessing is not None else saved)
     data_dir = Path(config.data_dir) if config.data_dir else Path(saved["data_dir"])
     if not data_dir.is_absolute() and not data_dir.is_dir() and not config.data_dir:
         raise DlfaInputError(f"the run's data folder {data_dir} is relative (saved by an older dlfa) and not found from "
