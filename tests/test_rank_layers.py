@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_conllu
 
 from dlfa.analysis.rank_compare import (
     compare_rankings,
@@ -39,7 +38,7 @@ from dlfa.errors import DlfaInputError
 def _config(data_dir, output_dir, model, **overrides) -> RankLayersConfig:
     fields = {"task": "udpos", "data_dir": str(data_dir), "output_dir": str(output_dir), "model": str(model),
               "seeds": [1, 2], "max_steps": 6, "eval_every": 3, "batch_size": 4, "learning_rate": 5e-3,
-              "encode_batch_size": 5, **overrides}
+              "eval_batch_size": 5, "mode": "frozen", **overrides}
     return RankLayersConfig(**fields)
 
 
@@ -65,6 +64,8 @@ def _config(data_dir, output_dir, model, **overrides) -> RankLayersConfig:
     ("max_length", True, "--max-length"),
     ("aif_norm", "batchnorm", "--aif-norm"),
     ("reduction", 0, "--reduction"),
+    ("mode", "cached", "--mode"),
+    ("freeze_embeddings", "yes", "--freeze-embeddings"),
 ])
 def test_config_refuses_bad_values_naming_the_option(tmp_path, field, value, option):
     fields = {"task": "udpos", "data_dir": str(tmp_path), "output_dir": str(tmp_path / "out"), field: value}
@@ -81,7 +82,15 @@ def test_config_defaults_and_hf_argument_parser_flags():
         "--no-include-baseline", "--max-train-examples", "0"])
     assert (config.task, config.layers, config.seeds, config.include_baseline) == ("panx", [4, 8], [5], False)
     assert config.max_train_examples == 0 and config.model == "embedded:multilingual-e5-small"
-    assert RankLayersConfig("udpos", "d", "o").seeds == [1, 2, 3]
+    default = RankLayersConfig("udpos", "d", "o")
+    assert default.seeds == [1, 2, 3] and default.mode == "joint"
+    # Mode defaults: joint trains as a CPU-reproduction cell; frozen makes passes over its cache.
+    assert default.resolved() == {"learning_rate": 1e-4, "batch_size": 16, "eval_every": 100,
+                                  "max_train_examples": 0, "max_steps": 300, "epochs": None}
+    frozen = RankLayersConfig("udpos", "d", "o", mode="frozen", batch_size=8)
+    assert frozen.resolved() == {"learning_rate": 3e-3, "batch_size": 8, "eval_every": None,
+                                 "max_train_examples": 2000, "max_steps": None, "epochs": 10.0}
+    assert RankLayersConfig("udpos", "d", "o", epochs=2.0).resolved()["max_steps"] is None
     for f in dataclasses.fields(RankLayersConfig):  # every option has help text for the generated CLI
         assert f.metadata.get("help"), f.name
 
@@ -96,12 +105,15 @@ def test_main_bad_option_is_one_line_and_exit_2(tmp_path, capsys):
 # -- the command on the tiny model -----------------------------------------------------------------------------------
 
 
-def test_output_files_and_format(tiny_model_dir, tiny_udpos_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["frozen", "joint"])
+def test_output_files_and_format(tiny_model_dir, tiny_udpos_dir, tmp_path, mode):
     out = tmp_path / "rank"
-    result = run_rank_layers(_config(tiny_udpos_dir, out, tiny_model_dir), show_progress=False, command="test")
+    result = run_rank_layers(_config(tiny_udpos_dir, out, tiny_model_dir, mode=mode), show_progress=False,
+                             command="test")
     data = load_ranking(out)
     assert data == json.loads((out / "ranking.json").read_text())
     assert data["format"] == "dlfa-rank-layers" and data["task"] == "udpos" and data["num_layers"] == 4
+    assert data["mode"] == mode
     assert data["primary_metric"] == "f1" and data["seeds"] == [1, 2]
     layers = {e["layer"]: e for e in data["layers"]}
     assert sorted(layers) == [1, 2, 3]  # default: every layer 1..N-1 of the 4-layer encoder
@@ -133,10 +145,19 @@ def test_output_files_and_format(tiny_model_dir, tiny_udpos_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ranking.json", "ranking.md"]
 
 
-def test_same_seed_same_result_and_layer_subset(tiny_model_dir, tiny_udpos_dir, tmp_path):
-    first = run_rank_layers(_config(tiny_udpos_dir, tmp_path / "a", tiny_model_dir), show_progress=False)
-    second = run_rank_layers(_config(tiny_udpos_dir, tmp_path / "b", tiny_model_dir), show_progress=False)
+@pytest.mark.parametrize("mode", ["frozen", "joint"])
+def test_same_seed_same_result(tiny_model_dir, tiny_udpos_dir, tmp_path, mode):
+    first = run_rank_layers(_config(tiny_udpos_dir, tmp_path / "a", tiny_model_dir, mode=mode), show_progress=False)
+    second = run_rank_layers(_config(tiny_udpos_dir, tmp_path / "b", tiny_model_dir, mode=mode), show_progress=False)
     assert first["layers"] == second["layers"] and first["history"] == second["history"]
+    assert first["history"]["1"] != first["history"]["2"]  # the seed matters (initialisation, order, dropout)
+    # Each seed starts from the pretrained encoder: seed 2 alone gives what it gave after seed 1.
+    alone = run_rank_layers(_config(tiny_udpos_dir, tmp_path / "c", tiny_model_dir, mode=mode, seeds=[2]),
+                            show_progress=False)
+    assert alone["history"]["2"] == first["history"]["2"]
+
+
+def test_frozen_layer_trains_as_alone(tiny_model_dir, tiny_udpos_dir, tmp_path):
     # A subset of layers, one seed: with no dropout a layer trains as it does in the full stack (its own
     # initialisation, AdamW moments and clipping), so its scores do not depend on the other layers.
     full = run_rank_layers(_config(tiny_udpos_dir, tmp_path / "c", tiny_model_dir, seeds=[3],
@@ -148,7 +169,8 @@ def test_same_seed_same_result_and_layer_subset(tiny_model_dir, tiny_udpos_dir, 
     assert alone["baseline"] is None and [e["layer"] for e in alone["layers"]] == [2]
 
 
-def test_reads_only_training_language_files(tiny_model_dir, tiny_udpos_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["frozen", "joint"])
+def test_reads_only_training_language_files(tiny_model_dir, tiny_udpos_dir, tmp_path, monkeypatch, mode):
     # Target files that cannot be parsed: the ranking never opens them.
     (tiny_udpos_dir / "de-test.conllu").write_text("this is not CoNLL-U\n", encoding="utf-8")
     (tiny_udpos_dir / "ja-test.conllu").write_bytes(b"\xff\xfe broken")
@@ -163,7 +185,8 @@ def test_reads_only_training_language_files(tiny_model_dir, tiny_udpos_dir, tmp_
         return original(self, data_dir, language, split)
 
     monkeypatch.setattr(type(TASK), "read", spy)
-    run_rank_layers(_config(tiny_udpos_dir, tmp_path / "rank", tiny_model_dir, seeds=[1]), show_progress=False)
+    run_rank_layers(_config(tiny_udpos_dir, tmp_path / "rank", tiny_model_dir, seeds=[1], mode=mode),
+                    show_progress=False)
     assert sorted(reads) == [("en", "dev"), ("en", "train")]
 
 
@@ -194,7 +217,7 @@ def test_pair_task_holds_out_selection_from_one_file(tiny_model_dir, tmp_path):
     (folder / "dev-en.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     (folder / "test-de.tsv").write_text("broken\n", encoding="utf-8")
     result = run_rank_layers(_config(folder, tmp_path / "rank", tiny_model_dir, task="pawsx", train_split="dev",
-                                     seeds=[1], layers=[1, 3]), show_progress=False)
+                                     seeds=[1], layers=[1, 3], mode="joint"), show_progress=False)
     resolved = result["settings"]["resolved"]
     assert result["primary_metric"] == "accuracy"
     assert (resolved["train_examples"], resolved["dev_examples"]) == (18, 2)
