@@ -5,7 +5,8 @@ For each task (UD-POS, PAN-X), with the settings of ``benchmarks/reproduce_cpu.s
 
 1. ``dlfa sweep --layers 1-11 --seeds 1,2 --no-baseline`` (22 fine-tunings per task; resumable: run this script
    again after an interruption and finished cells are skipped);
-2. ``dlfa rank-layers`` on the same English train/dev files, same seeds, the command's defaults otherwise;
+2. ``dlfa rank-layers`` on the same English train/dev files, same seeds, the command's defaults otherwise, in
+   both modes (``joint``, the default, and ``frozen``);
 3. the comparison: Spearman ρ, top-1 and top-3 agreement and regret of the proxy's ranking against the sweep's
    English-dev ranking (its selection signal) and against its zero-shot ranking (average over the target
    languages), and, as a reference ceiling for any English-only signal, the sweep's own English-dev ranking
@@ -17,6 +18,7 @@ Writes ``OUTPUT/validation.json`` and ``OUTPUT/validation.md``; the CPU and wall
 invocation that was killed is lost, and the table then says so).
 
     python benchmarks/validate_rank_layers.py [--output validate-rank] [--tasks udpos,panx] [--seeds 1,2]
+                                              [--modes joint,frozen]
     python benchmarks/validate_rank_layers.py --compare-only        # tables from existing outputs
 
 Run from the repository root with ``../shared/data`` beside it (or ``--data-root``). Expected time on the
@@ -57,13 +59,14 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_measured(command: list[str], costs_path: Path, task: str, step: str) -> None:
+def run_measured(command: list[str], costs_path: Path, task: str, step: str,
+                 env: dict[str, str] | None = None) -> None:
     """Run ``command``, adding its CPU (user + system, all its processes) and wall time to costs.json."""
     print("+", shlex.join(command), flush=True)
     cpu, wall = children_cpu(), time.time()
     completed = True
     try:
-        subprocess.run(command, check=True)
+        subprocess.run(command, check=True, env=env)
     except BaseException:
         completed = False
         raise
@@ -79,39 +82,48 @@ def run_measured(command: list[str], costs_path: Path, task: str, step: str) -> 
         costs_path.write_text(json.dumps(costs, indent=2) + "\n")
 
 
-def summarize(output: Path, tasks: list[str], costs: dict[str, Any]) -> dict[str, Any]:
-    """The comparison of every task whose sweep and ranking exist under ``output``."""
+MODES = ("joint", "frozen")
+
+
+def summarize(output: Path, tasks: list[str], costs: dict[str, Any], modes: tuple[str, ...] = MODES
+              ) -> dict[str, Any]:
+    """The comparison of every (task, mode) whose sweep and ranking exist under ``output``."""
     summary: dict[str, Any] = {"tasks": {}}
     for task in tasks:
         sweep = sweep_layer_scores(output / "sweep", task)
-        ranking_path = output / "rank" / task / "ranking.json"
-        if not sweep["layers"] or not ranking_path.is_file():
-            print(f"{task}: sweep or ranking missing; left out", file=sys.stderr)
-            continue
-        ranking = load_ranking(ranking_path)
-        proxy = proxy_scores(ranking)
-        dev = mean_over_seeds({x: v["dev"] for x, v in sweep["layers"].items()})
-        zero = mean_over_seeds({x: v["zero_shot"] for x, v in sweep["layers"].items()})
-        cost = costs.get(task, {})
-        sweep_cpu = cost.get("sweep", {}).get("cpu_seconds")
-        rank_cpu = cost.get("rank", {}).get("cpu_seconds")
-        complete = all(i.get("completed", True) for step in ("sweep", "rank") for i in cost.get(step, {}).get(
-            "invocations", [{}]))
-        summary["tasks"][task] = {
-            "metric": sweep["metric"], "model": sweep["model"], "sweep_seeds": sweep["seeds"],
-            "cells_per_layer": {x: len(v["dev"]) for x, v in sweep["layers"].items()},
-            "proxy_seeds": ranking["seeds"], "proxy": proxy, "sweep_dev": dev, "sweep_zero_shot": zero,
-            "proxy_baseline": (ranking.get("baseline") or {}).get("mean"),
-            "vs_sweep_dev": compare_rankings(proxy, dev), "vs_sweep_zero_shot": compare_rankings(proxy, zero),
-            "sweep_dev_vs_zero_shot": compare_rankings(dev, zero),
-            "sweep_cpu_seconds": sweep_cpu, "rank_cpu_seconds": rank_cpu,
-            "sweep_wall_seconds": cost.get("sweep", {}).get("wall_seconds"),
-            "rank_wall_seconds": cost.get("rank", {}).get("wall_seconds"),
-            "cpu_ratio": rank_cpu / sweep_cpu if sweep_cpu and rank_cpu is not None else None,
-            "costs_complete": complete,
-            "rank_settings": ranking["settings"] if "settings" in ranking else None,
-        }
+        for mode in modes:
+            ranking_path = output / "rank" / task / mode / "ranking.json"
+            if not sweep["layers"] or not ranking_path.is_file():
+                print(f"{task} ({mode}): sweep or ranking missing; left out", file=sys.stderr)
+                continue
+            summary["tasks"][f"{task} {mode}"] = _compare(load_ranking(ranking_path), sweep, costs.get(task, {}),
+                                                          f"rank-{mode}")
     return summary
+
+
+def _compare(ranking: dict[str, Any], sweep: dict[str, Any], cost: dict[str, Any], step: str) -> dict[str, Any]:
+    proxy = proxy_scores(ranking)
+    dev = mean_over_seeds({x: v["dev"] for x, v in sweep["layers"].items()})
+    zero = mean_over_seeds({x: v["zero_shot"] for x, v in sweep["layers"].items()})
+    sweep_cpu = cost.get("sweep", {}).get("cpu_seconds")
+    rank_cpu = cost.get(step, {}).get("cpu_seconds")
+    complete = all(i.get("completed", True) for name in ("sweep", step)
+                   for i in cost.get(name, {}).get("invocations", [{}]))
+    return {
+        "metric": sweep["metric"], "model": sweep["model"], "sweep_seeds": sweep["seeds"],
+        "cells_per_layer": {x: len(v["dev"]) for x, v in sweep["layers"].items()},
+        "proxy_seeds": ranking["seeds"], "proxy": proxy, "sweep_dev": dev, "sweep_zero_shot": zero,
+        "proxy_baseline": (ranking.get("baseline") or {}).get("mean"),
+        "vs_sweep_dev": compare_rankings(proxy, dev), "vs_sweep_zero_shot": compare_rankings(proxy, zero),
+        "sweep_dev_vs_zero_shot": compare_rankings(dev, zero),
+        "sweep_cpu_seconds": sweep_cpu, "rank_cpu_seconds": rank_cpu,
+        "sweep_wall_seconds": cost.get("sweep", {}).get("wall_seconds"),
+        "rank_wall_seconds": cost.get(step, {}).get("wall_seconds"),
+        "cpu_ratio": rank_cpu / sweep_cpu if sweep_cpu and rank_cpu is not None else None,
+        "costs_complete": complete,
+        "rank_mode": ranking.get("mode"),
+        "rank_settings": ranking["settings"] if "settings" in ranking else None,
+    }
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -177,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the rank-layers command (default: the module; `dlfa rank-layers` once wired)")
     parser.add_argument("--rank-option", action="append", default=[],
                         help="extra rank-layers option, e.g. --rank-option=--max-train-examples=4000 (repeatable)")
+    parser.add_argument("--modes", default=",".join(MODES), help="rank-layers modes to validate (default joint,frozen)")
     parser.add_argument("--compare-only", action="store_true", help="only compare existing outputs")
     args = parser.parse_args(argv)
     output, tasks = Path(args.output), [t for t in args.tasks.split(",") if t]
@@ -193,18 +206,20 @@ def main(argv: list[str] | None = None) -> int:
                      str(output / "sweep"), "--layers", args.layers, "--seeds", args.seeds, "--no-baseline",
                      "--parallel", args.parallel, *COMMON, *PER_TASK.get(task, [])]
             run_measured(sweep, costs_path, task, "sweep")
-            rank_dir = output / "rank" / task
-            if (rank_dir / "ranking.json").is_file():
-                print(f"{rank_dir}/ranking.json exists; not ranking again")
-                continue
             first, last = (int(v) for v in args.layers.split("-")) if "-" in args.layers else (None, None)
             layers = [str(x) for x in range(first, last + 1)] if first else args.layers.split(",")
-            rank = [*shlex.split(args.rank_command), "--task", task, "--data-dir", str(Path(args.data_root) / task),
-                    "--output-dir", str(rank_dir), "--seeds", *seeds, "--layers", *layers, "--overwrite",
-                    *args.rank_option]
-            run_measured(rank, costs_path, task, "rank")
+            for mode in args.modes.split(","):
+                rank_dir = output / "rank" / task / mode
+                if (rank_dir / "ranking.json").is_file():
+                    print(f"{rank_dir}/ranking.json exists; not ranking again")
+                    continue
+                rank = [*shlex.split(args.rank_command), "--task", task, "--mode", mode, "--data-dir",
+                        str(Path(args.data_root) / task), "--output-dir", str(rank_dir), "--seeds", *seeds,
+                        "--layers", *layers, "--overwrite", *args.rank_option]
+                # One thread, as each sweep cell has with --parallel 2 on two cores.
+                run_measured(rank, costs_path, task, f"rank-{mode}", env={**os.environ, "OMP_NUM_THREADS": "1"})
     costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}
-    summary = summarize(output, tasks, costs)
+    summary = summarize(output, tasks, costs, tuple(args.modes.split(",")))
     (output / "validation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     markdown = validation_markdown(summary)
     (output / "validation.md").write_text(markdown)

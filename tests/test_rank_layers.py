@@ -89,7 +89,7 @@ def test_config_defaults_and_hf_argument_parser_flags():
                                   "max_train_examples": 0, "max_steps": 300, "epochs": None}
     frozen = RankLayersConfig("udpos", "d", "o", mode="frozen", batch_size=8)
     assert frozen.resolved() == {"learning_rate": 3e-3, "batch_size": 8, "eval_every": None,
-                                 "max_train_examples": 2000, "max_steps": None, "epochs": 10.0}
+                                 "max_train_examples": 2000, "max_steps": None, "epochs": 4.0}
     assert RankLayersConfig("udpos", "d", "o", epochs=2.0).resolved()["max_steps"] is None
     for f in dataclasses.fields(RankLayersConfig):  # every option has help text for the generated CLI
         assert f.metadata.get("help"), f.name
@@ -395,19 +395,25 @@ def test_validation_summary_on_synthetic_outputs(tmp_path):
     for seed in (1, 2):
         for x, dev, zero in ((1, 80.0, 50.0), (2, 85.0, 58.0), (3, 90.0, 55.0)):
             _sweep_cell(sweep_dir, "udpos", x, seed, dev=dev + seed, zero=zero + seed)
-    rank_dir = tmp_path / "rank" / "udpos"
+    rank_dir = tmp_path / "rank" / "udpos" / "joint"
     rank_dir.mkdir(parents=True)
     ranking = _ranking(model="embedded:m", means={1: 70.0, 2: 60.0, 3: 75.0})
     (rank_dir / "ranking.json").write_text(json.dumps(ranking))
     costs = {"udpos": {"sweep": {"cpu_seconds": 1000.0, "wall_seconds": 600.0},
-                       "rank": {"cpu_seconds": 50.0, "wall_seconds": 40.0}}}
+                       "rank-joint": {"cpu_seconds": 50.0, "wall_seconds": 40.0}}}
     summary = script.summarize(tmp_path, ["udpos"], costs)
-    task = summary["tasks"]["udpos"]
+    assert list(summary["tasks"]) == ["udpos joint"]  # no frozen ranking here: left out
+    task = summary["tasks"]["udpos joint"]
     assert task["vs_sweep_dev"]["spearman_rho"] == pytest.approx(0.5) and task["vs_sweep_dev"]["top1_match"]
     assert task["vs_sweep_zero_shot"]["spearman_rho"] == pytest.approx(-0.5)
     assert not task["vs_sweep_zero_shot"]["top1_match"]
     assert task["sweep_dev_vs_zero_shot"]["spearman_rho"] == pytest.approx(0.5)
     assert task["cpu_ratio"] == pytest.approx(0.05)
     md = script.validation_markdown(summary)
-    assert "| udpos | proxy vs sweep en dev | 3 | 0.50 | yes | 3/3 |" in md
-    assert "| udpos | 1000 | 50 | 0.050 (1/20.0) |" in md
+    assert "| udpos joint | proxy vs sweep en dev | 3 | 0.50 | yes | 3/3 |" in md
+    assert "| udpos joint | 1000 | 50 | 0.050 (1/20.0) |" in md
+    # The script's own entry point, comparing existing outputs only (no costs recorded: CPU columns empty).
+    assert script.main(["--output", str(tmp_path), "--tasks", "udpos", "--compare-only"]) == 0
+    written = json.loads((tmp_path / "validation.json").read_text())
+    assert written["tasks"]["udpos joint"]["vs_sweep_dev"]["top1_match"] is True
+    assert "| udpos joint | – | – | – |" in (tmp_path / "validation.md").read_text()

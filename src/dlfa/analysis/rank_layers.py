@@ -63,11 +63,12 @@ INITIALIZER_RANGE = 0.02  # DLFAConfig.initializer_range: N(0, 0.02) Linear weig
 
 # Defaults that depend on the mode (a field left at None takes them). joint: the CPU reproduction's settings
 # (benchmarks/reproduce_cpu.sh), so that the one joint fine-tuning trains as each sweep cell does; frozen:
-# enough passes over the cached states for the heads to converge.
+# enough passes over the cached states for the heads to level off (UD-POS, e5-small, 500 sentences: after 160
+# steps the layers were within 1.2 F1 of their scores after 320, in the same order).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "joint": {"learning_rate": 1e-4, "batch_size": 16, "max_steps": 300, "epochs": None, "eval_every": 100,
               "max_train_examples": 0},
-    "frozen": {"learning_rate": 3e-3, "batch_size": 32, "max_steps": None, "epochs": 10.0, "eval_every": None,
+    "frozen": {"learning_rate": 3e-3, "batch_size": 32, "max_steps": None, "epochs": 4.0, "eval_every": None,
                "max_train_examples": 2000},
 }
 
@@ -100,7 +101,7 @@ class RankLayersConfig:
     max_dev_examples: int = field(default=1000, metadata={"help": "first N selection examples (0: all)"})
     max_length: int | None = field(default=None, metadata={"help": "sub-tokens per window (default: the task's)"})
     epochs: float | None = field(default=None, metadata={
-        "help": "passes over the training examples (default: frozen 10; joint uses --max-steps)"})
+        "help": "passes over the training examples (default: frozen 4; joint uses --max-steps)"})
     max_steps: int | None = field(default=None, metadata={
         "help": "optimizer steps, overrides --epochs (default: joint 300, as each cell of the CPU reproduction)"})
     batch_size: int | None = field(default=None, metadata={"help": "training batch size (default: joint 16, frozen 32)"})
