@@ -6,7 +6,7 @@ For each task (UD-POS, PAN-X), with the settings of ``benchmarks/reproduce_cpu.s
 1. ``dlfa sweep --layers 1-11 --seeds 1,2 --no-baseline`` (22 fine-tunings per task; resumable: run this script
    again after an interruption and finished cells are skipped);
 2. ``dlfa rank-layers`` on the same English train/dev files, same seeds, the command's defaults otherwise, in
-   both modes (``joint``, the default, and ``frozen``);
+   both modes (``joint``, the default, with the sweep's number of steps; and ``frozen``);
 3. the comparison: Spearman ρ, top-1 and top-3 agreement and regret of the proxy's ranking against the sweep's
    English-dev ranking (its selection signal) and against its zero-shot ranking (average over the target
    languages), and, as a reference ceiling for any English-only signal, the sweep's own English-dev ranking
@@ -52,6 +52,8 @@ COMMON = ["--batch-size", "16", "--learning-rate", "1e-4", "--freeze-embeddings"
           "--max-dev-examples", "1000"]
 PER_TASK = {"udpos": ["--max-steps", "300", "--max-eval-examples", "500"],
             "panx": ["--max-steps", "200", "--max-eval-examples", "300"]}
+# rank-layers: joint mode trains for the sweep's number of steps (its other defaults are the sweep's settings).
+RANK_PER_TASK = {"joint": {"udpos": ["--max-steps", "300"], "panx": ["--max-steps", "200"]}}
 
 
 def children_cpu() -> float:
@@ -184,11 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--layers", default="1-11")
     parser.add_argument("--parallel", default="2", help="sweep cells at once (default 2, as reproduce_cpu.sh)")
-    parser.add_argument("--dlfa", default=os.environ.get("DLFA", "dlfa"), help="the dlfa command (for sweep)")
+    parser.add_argument("--dlfa", default=os.environ.get("DLFA", "dlfa"), help="the dlfa command, e.g. 'python -m dlfa' (for sweep)")
     parser.add_argument("--rank-command", default=f"{shlex.quote(sys.executable)} -m dlfa.analysis.rank_layers",
                         help="the rank-layers command (default: the module; `dlfa rank-layers` once wired)")
-    parser.add_argument("--rank-option", action="append", default=[],
-                        help="extra rank-layers option, e.g. --rank-option=--max-train-examples=4000 (repeatable)")
+    parser.add_argument("--model", default="embedded:multilingual-e5-small", help="the encoder, for both sides")
+    parser.add_argument("--sweep-options", default="",
+                        help="extra sweep options, after the fixed ones (the last of a repeated option wins), e.g. "
+                             "--sweep-options='--max-steps 100'")
+    parser.add_argument("--rank-options", default="",
+                        help="extra rank-layers options, after the fixed ones, e.g. "
+                             "--rank-options='--max-train-examples 4000'")
     parser.add_argument("--modes", default=",".join(MODES), help="rank-layers modes to validate (default joint,frozen)")
     parser.add_argument("--compare-only", action="store_true", help="only compare existing outputs")
     args = parser.parse_args(argv)
@@ -202,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"validate_rank_layers: no {args.data_root}/{task}; nothing to do", file=sys.stderr)
                 return 0
         for task in tasks:
-            sweep = [args.dlfa, "sweep", "--tasks", task, "--data-root", args.data_root, "--output",
-                     str(output / "sweep"), "--layers", args.layers, "--seeds", args.seeds, "--no-baseline",
-                     "--parallel", args.parallel, *COMMON, *PER_TASK.get(task, [])]
+            sweep = [*shlex.split(args.dlfa), "sweep", "--tasks", task, "--data-root", args.data_root, "--output",
+                     str(output / "sweep"), "--model", args.model, "--layers", args.layers, "--seeds", args.seeds,
+                     "--no-baseline", "--parallel", args.parallel, *COMMON, *PER_TASK.get(task, []),
+                     *shlex.split(args.sweep_options)]
             run_measured(sweep, costs_path, task, "sweep")
             first, last = (int(v) for v in args.layers.split("-")) if "-" in args.layers else (None, None)
             layers = [str(x) for x in range(first, last + 1)] if first else args.layers.split(",")
@@ -213,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 if (rank_dir / "ranking.json").is_file():
                     print(f"{rank_dir}/ranking.json exists; not ranking again")
                     continue
-                rank = [*shlex.split(args.rank_command), "--task", task, "--mode", mode, "--data-dir",
-                        str(Path(args.data_root) / task), "--output-dir", str(rank_dir), "--seeds", *seeds,
-                        "--layers", *layers, "--overwrite", *args.rank_option]
+                rank = [*shlex.split(args.rank_command), "--task", task, "--mode", mode, "--model", args.model,
+                        "--data-dir", str(Path(args.data_root) / task), "--output-dir", str(rank_dir), "--seeds", *seeds,
+                        "--layers", *layers, "--overwrite", *RANK_PER_TASK.get(mode, {}).get(task, []),
+                        *shlex.split(args.rank_options)]
                 # One thread, as each sweep cell has with --parallel 2 on two cores.
                 run_measured(rank, costs_path, task, f"rank-{mode}", env={**os.environ, "OMP_NUM_THREADS": "1"})
     costs = json.loads(costs_path.read_text()) if costs_path.is_file() else {}

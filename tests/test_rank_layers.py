@@ -18,6 +18,7 @@ from dlfa.analysis.rank_compare import (
     find_rankings,
     load_ranking,
     ranking_table,
+    rankings_markdown,
     spearman,
     sweep_layer_scores,
 )
@@ -331,6 +332,12 @@ def test_ranking_table_from_report_selection_records(tmp_path):
     md = ranking_table(_ranking(means={1: 50.0, 2: 60.0}), records)
     assert "| D_2 | 60.00 ± 0.50 (1) | 92.50 (1) | 70.50 (1) |" in md
     assert "top-1 agrees (proxy D_2, sweep D_2)" in md
+    # The report's section: every ranking found under its folders (none: nothing to add).
+    assert rankings_markdown([tmp_path / "sweep"], records) == ""
+    (tmp_path / "sweep" / "rank").mkdir()
+    (tmp_path / "sweep" / "rank" / "ranking.json").write_text(json.dumps(_ranking(means={1: 50.0, 2: 60.0})))
+    assert rankings_markdown([tmp_path / "sweep"], records) == md
+    assert len(collect_runs([tmp_path / "sweep"]).runs) == 6  # a ranking folder is not taken for a run
 
 
 def test_load_and_find_rankings(tmp_path):
@@ -417,3 +424,27 @@ def test_validation_summary_on_synthetic_outputs(tmp_path):
     written = json.loads((tmp_path / "validation.json").read_text())
     assert written["tasks"]["udpos joint"]["vs_sweep_dev"]["top1_match"] is True
     assert "| udpos joint | – | – | – |" in (tmp_path / "validation.md").read_text()
+
+
+def test_validation_script_end_to_end_on_the_tiny_model(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    """The whole script (sweep, both rank-layers modes, comparison, cost ledger) on a few tiny steps."""
+    import sys
+
+    script = _validation_script()
+    out = tmp_path / "validate"
+    python = sys.executable
+    assert script.main([
+        "--data-root", str(tiny_udpos_dir.parent), "--output", str(out), "--tasks", "udpos", "--seeds", "1",
+        "--layers", "1-3", "--parallel", "1", "--model", str(tiny_model_dir), "--dlfa", f"{python} -m dlfa",
+        "--rank-command", f"{python} -m dlfa.analysis.rank_layers",
+        "--sweep-options", "--max-steps 2 --eval-every 2 --max-eval-examples 2",
+        "--rank-options", "--max-steps 2 --eval-every 2 --max-dev-examples 2 --eval-batch-size 4",
+    ]) == 0
+    summary = json.loads((out / "validation.json").read_text())
+    assert sorted(summary["tasks"]) == ["udpos frozen", "udpos joint"]
+    for entry in summary["tasks"].values():
+        assert entry["vs_sweep_dev"]["layers"] == [1, 2, 3] and entry["sweep_seeds"] == [1]
+        assert entry["sweep_cpu_seconds"] > 0 and entry["rank_cpu_seconds"] > 0 and entry["costs_complete"]
+    costs = json.loads((out / "costs.json").read_text())
+    assert sorted(costs["udpos"]) == ["rank-frozen", "rank-joint", "sweep"]
+    assert load_ranking(out / "rank" / "udpos" / "joint")["settings"]["resolved"]["total_steps"] == 2

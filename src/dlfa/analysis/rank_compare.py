@@ -236,3 +236,12 @@ def ranking_table(ranking: Mapping[str, Any], sweep_rows: Iterable[Mapping[str, 
                  "score of a gate and head trained on the frozen encoder; sweep: mean over its seeds, "
                  "`average` includes English (Table 1). No target-language label enters the proxy.")
     return "\n".join(lines) + "\n"
+
+
+def rankings_markdown(roots: Iterable[str | Path], sweep_rows: Iterable[Mapping[str, Any]]) -> str:
+    """The report's section: :func:`ranking_table` for every ranking under ``roots``; "" when there is none.
+
+    ``dlfa report`` calls it with its run folders and the records of ``Report.selection_table()``.
+    """
+    rows = list(sweep_rows)
+    return "\n".join(ranking_table(load_ranking(path), rows) for path in find_rankings(roots))

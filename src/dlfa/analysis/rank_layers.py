@@ -911,9 +911,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
             return int(exc.code or 0)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        from dlfa.reporting.report import command_line
+        import shlex
 
-        result = run_rank_layers(config, command=command_line())
+        result = run_rank_layers(config, command=shlex.join(["python", "-m", "dlfa.analysis.rank_layers", *args]))
         print(ranking_markdown(result))
         return 0
     except DlfaInputError as exc:
