@@ -1,26 +1,24 @@
 """``dlfa rank-layers``: rank every fused layer x = 1..N-1 of DLFA at a fraction of a sweep's cost.
 
 The sweep that picks DLFA's layer fine-tunes the whole model once per layer and seed (11 fine-tunings for a
-12-layer encoder, where the baseline needs one). This proxy freezes the encoder instead:
+12-layer encoder, where the baseline needs one). This proxy reads the training-language (English) training and
+selection (dev) files and nothing else (no target-language file is opened, so no target label can take part),
+and per seed trains one fusion (``DLFAFusion``: the model's AIF gate) and one task head per layer x, all layers
+in one pass: their parameters are stacked and the modules' own code is vmapped over them (``torch.func``), so
+each layer has its own initialisation, AdamW moments and gradient clipping, as if trained alone. Each layer is
+scored on the selection set with the task's metric every ``eval_every`` steps and keeps its best score (the
+recipe's checkpoint selection); layers are ranked by the mean over seeds. Two modes:
 
-1. read the training-language (English) training file and selection (dev) file, and nothing else: no
-   target-language file is opened, so no target label can take part;
-2. run the frozen encoder once over both and keep, per token, the hidden states of every ranked layer and of
-   the last layer (bfloat16, in memory);
-3. per seed, train one fusion (``DLFAFusion``: the AIF gate of the model) and one task head per layer x on
-   the cached states. All layers train in one pass: their parameters are stacked and the same module code is
-   vmapped over them (``torch.func``), so each layer trains exactly as it would alone, with its own AdamW
-   moments and its own gradient clipping; only the dropout masks are drawn for all layers at once;
-4. score each layer on the selection set with the task's metric every ``eval_every`` steps (default: each
-   epoch) and keep its best score, like the recipe's checkpoint selection; rank layers by the mean over seeds.
+* ``joint`` (default): the encoder is fine-tuned once per seed, jointly with all the gates and heads, learning
+  from the mean of their losses, with a sweep cell's settings and data order;
+* ``frozen``: the pretrained encoder runs once; the hidden states of the ranked layers and the last layer are
+  cached (bfloat16, in memory) and the gates and heads train on them. Cheaper, but it ranks the *pretrained*
+  layers (on UD-POS with e5-small it orders them backwards; ``docs/rank-layers.md``).
 
-What it assumes: that how much layer x adds to the last layer, read by a gate and head on frozen features,
-orders the layers as fine-tuning does. It measures the layers of the *pretrained* encoder; the sweep measures
-them while the encoder adapts. ``docs/rank-layers.md`` has the method, its departures from the sweep and the
-validation against a full sweep.
-
-The config (:class:`RankLayersConfig`) and :func:`run_rank_layers` are the command; ``python -m
-dlfa.analysis.rank_layers --help`` runs it stand-alone. Nothing heavy is imported at module level.
+``docs/rank-layers.md`` has the method, its assumptions and departures from the sweep, and the validation
+against a full sweep (``benchmarks/validate_rank_layers.py``). The config (:class:`RankLayersConfig`) and
+:func:`run_rank_layers` are the command; ``python -m dlfa.analysis.rank_layers --help`` runs it stand-alone.
+Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
