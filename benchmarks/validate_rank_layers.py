@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="1-11")
     parser.add_argument("--parallel", default="2", help="sweep cells at once (default 2, as reproduce_cpu.sh)")
     parser.add_argument("--dlfa", default=os.environ.get("DLFA", "dlfa"), help="the dlfa command, e.g. 'python -m dlfa' (for sweep)")
-    parser.add_argument("--rank-command", default=f"{shlex.quote(sys.executable)} -m dlfa.analysis.rank_layers",
-                        help="the rank-layers command (default: the module; `dlfa rank-layers` once wired)")
+    parser.add_argument("--rank-command", default=f"{shlex.quote(sys.executable)} -m dlfa rank-layers",
+                        help="the rank-layers command")
     parser.add_argument("--model", default="embedded:multilingual-e5-small", help="the encoder, for both sides")
     parser.add_argument("--sweep-options", default="",
                         help="extra sweep options, after the fixed ones (the last of a repeated option wins), e.g. "
@@ -202,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     output, tasks = Path(args.output), [t for t in args.tasks.split(",") if t]
     output.mkdir(parents=True, exist_ok=True)
     costs_path = output / "costs.json"
-    seeds = [s for s in args.seeds.split(",") if s]
     if not args.compare_only:
         for task in tasks:
             if not (Path(args.data_root) / task).is_dir():
@@ -214,16 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                      "--no-baseline", "--parallel", args.parallel, *COMMON, *PER_TASK.get(task, []),
                      *shlex.split(args.sweep_options)]
             run_measured(sweep, costs_path, task, "sweep")
-            first, last = (int(v) for v in args.layers.split("-")) if "-" in args.layers else (None, None)
-            layers = [str(x) for x in range(first, last + 1)] if first else args.layers.split(",")
             for mode in args.modes.split(","):
                 rank_dir = output / "rank" / task / mode
                 if (rank_dir / "ranking.json").is_file():
                     print(f"{rank_dir}/ranking.json exists; not ranking again")
                     continue
                 rank = [*shlex.split(args.rank_command), "--task", task, "--mode", mode, "--model", args.model,
-                        "--data-dir", str(Path(args.data_root) / task), "--output-dir", str(rank_dir), "--seeds", *seeds,
-                        "--layers", *layers, "--overwrite", *RANK_PER_TASK.get(mode, {}).get(task, []),
+                        "--data-dir", str(Path(args.data_root) / task), "--output", str(rank_dir), "--seeds", args.seeds,
+                        "--layers", args.layers, "--overwrite", *RANK_PER_TASK.get(mode, {}).get(task, []),
                         *shlex.split(args.rank_options)]
                 # One thread, as each sweep cell has with --parallel 2 on two cores.
                 run_measured(rank, costs_path, task, f"rank-{mode}", env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -63,6 +63,7 @@ def _config(data_dir, output_dir, model, **overrides) -> RankLayersConfig:
     ("max_steps", 0, "--max-steps"),
     ("eval_every", 0, "--eval-every"),
     ("max_length", True, "--max-length"),
+    ("max_length", 4, "--max-length"),
     ("aif_norm", "batchnorm", "--aif-norm"),
     ("reduction", 0, "--reduction"),
     ("mode", "cached", "--mode"),
@@ -75,29 +76,30 @@ def test_config_refuses_bad_values_naming_the_option(tmp_path, field, value, opt
     assert info.value.option == option
 
 
-def test_config_defaults_and_hf_argument_parser_flags():
-    from transformers import HfArgumentParser
+def test_config_defaults_and_command_line_flags():
+    from dlfa.cli.main import parse
+    from dlfa.options import parse_config
 
-    (config,) = HfArgumentParser((RankLayersConfig,)).parse_args_into_dataclasses(args=[
-        "--task", "panx", "--data-dir", "d", "--output-dir", "o", "--layers", "4", "8", "--seeds", "5",
-        "--no-include-baseline", "--max-train-examples", "0"])
+    command, given = parse(["rank-layers", "--task", "panx", "--data-dir", "d", "--output", "o", "--layers", "4,8",
+                            "--seeds", "5", "--no-include-baseline", "--max-train-examples", "0"])
+    config = parse_config(RankLayersConfig, given)
     assert (config.task, config.layers, config.seeds, config.include_baseline) == ("panx", [4, 8], [5], False)
     assert config.max_train_examples == 0 and config.model == "embedded:multilingual-e5-small"
-    default = RankLayersConfig("udpos", "d", "o")
+    default = RankLayersConfig(task="udpos", data_dir="d", output_dir="o")
     assert default.seeds == [1, 2, 3] and default.mode == "joint"
     # Mode defaults: joint trains as a CPU-reproduction cell; frozen makes passes over its cache.
     assert default.resolved() == {"learning_rate": 1e-4, "batch_size": 16, "eval_every": 100,
                                   "max_train_examples": 0, "max_steps": 300, "epochs": None}
-    frozen = RankLayersConfig("udpos", "d", "o", mode="frozen", batch_size=8)
+    frozen = RankLayersConfig(task="udpos", data_dir="d", output_dir="o", mode="frozen", batch_size=8)
     assert frozen.resolved() == {"learning_rate": 3e-3, "batch_size": 8, "eval_every": None,
                                  "max_train_examples": 2000, "max_steps": None, "epochs": 4.0}
-    assert RankLayersConfig("udpos", "d", "o", epochs=2.0).resolved()["max_steps"] is None
+    assert RankLayersConfig(task="udpos", data_dir="d", output_dir="o", epochs=2.0).resolved()["max_steps"] is None
     for f in dataclasses.fields(RankLayersConfig):  # every option has help text for the generated CLI
         assert f.metadata.get("help"), f.name
 
 
 def test_main_bad_option_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["--task", "udpos", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+    assert main(["--task", "udpos", "--data-dir", str(tmp_path), "--output", str(tmp_path / "o"),
                  "--learning-rate", "nan"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dlfa: error: option --learning-rate: must be a finite number, got nan"]
@@ -197,7 +199,7 @@ def test_refuses_non_empty_output_and_checks_before_writing(tiny_model_dir, tiny
     (out / "notes.txt").write_text("mine")
     with pytest.raises(DlfaInputError, match="not empty") as info:
         run_rank_layers(_config(tiny_udpos_dir, out, tiny_model_dir), show_progress=False)
-    assert info.value.option == "--output-dir"
+    assert info.value.option == "--output"
     run_rank_layers(_config(tiny_udpos_dir, out, tiny_model_dir, seeds=[1], overwrite=True), show_progress=False)
     assert (out / "notes.txt").read_text() == "mine"  # only the ranking files are written
     assert (out / "ranking.json").is_file()

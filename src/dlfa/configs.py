@@ -7,11 +7,18 @@ One validated dataclass per command; ``dlfa <command>`` options are generated fr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from dlfa.errors import DlfaInputError
 from dlfa.options import Config, comma_list, int_list, option
-from dlfa.training.config import TASK_NAMES, TrainConfig, check_languages, check_task_name
+from dlfa.training.config import (
+    DEFAULT_MODEL,
+    MIN_MAX_LENGTH,
+    TASK_NAMES,
+    TrainConfig,
+    check_languages,
+    check_task_name,
+)
 
 
 @dataclass(kw_only=True)
@@ -133,5 +140,86 @@ class ConvertConfig(Config):
     output: str = option(help="the new folder to write (must not exist)")
 
 
+# Defaults of `dlfa rank-layers` that depend on its mode (a field left at None takes them). joint: the CPU
+# reproduction's settings (benchmarks/reproduce_cpu.sh), so that the one joint fine-tuning trains as each sweep cell
+# does; frozen: enough passes over the cached states for the heads to level off (docs/rank-layers.md).
+RANK_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "joint": {"learning_rate": 1e-4, "batch_size": 16, "max_steps": 300, "epochs": None, "eval_every": 100,
+              "max_train_examples": 0},
+    "frozen": {"learning_rate": 3e-3, "batch_size": 32, "max_steps": None, "epochs": 4.0, "eval_every": None,
+               "max_train_examples": 2000},
+}
+
+
+@dataclass(kw_only=True)
+class RankLayersConfig(Config):
+    """``dlfa rank-layers``: rank every fused layer x = 1..N-1 on English data at a fraction of a sweep's cost."""
+
+    task: Literal["udpos", "panx", "xnli", "pawsx"] = option(help="the task")
+    data_dir: str = option(help="the task's data folder; only the training language's files are read")
+    output_dir: str = option(flag="--output", help="folder for ranking.json and ranking.md (new or empty)")
+    mode: Literal["joint", "frozen"] = option(
+        "joint", help="joint: fine-tune the encoder once, jointly with one gate and head per layer; frozen: train "
+                      "gates and heads on cached hidden states of the pretrained encoder (cheaper, but it ranks the "
+                      "pretrained layers; docs/rank-layers.md)")
+    model: str = option(DEFAULT_MODEL, help="encoder: embedded:multilingual-e5-small, a Hugging Face id or a folder")
+    layers: list[int] | None = option(None, low=1, parse=int_list,
+                                      help="fused layers x to rank, e.g. 4,8,10 or 1-11; none = every layer 1..N-1")
+    seeds: list[int] = option(default_factory=lambda: [1, 2, 3], low=0, high=2**32 - 1, parse=int_list,
+                              help="seeds; the ranking uses the mean over seeds")
+    train_language: str = option("en", help="the language trained and selected on")
+    train_split: Literal["train", "dev", "test"] = option("train", help="split of the training-language file to "
+                                                                        "train on")
+    dev_split: Literal["train", "dev", "test"] = option("dev", help="split of the training-language file to score on")
+    dev_holdout: float = option(0.1, low=0, high=1, low_open=True, high_open=True,
+                                help="fraction held out for scoring when the train and dev split are one file")
+    max_train_examples: int | None = option(None, low=0, help="first N training examples, 0 = all; none = all for "
+                                                              "joint, 2000 for frozen (its cache is in memory)")
+    max_dev_examples: int = option(1000, low=0, help="first N selection examples, 0 = all")
+    max_length: int | None = option(None, low=MIN_MAX_LENGTH, high=65536,
+                                    help="sub-tokens per window; none = the task's default")
+    epochs: float | None = option(None, low=0, low_open=True, high=1000,
+                                  help="passes over the training examples; none = frozen 4, joint uses --max-steps")
+    max_steps: int | None = option(None, low=1, help="optimizer steps, overrides --epochs; none = joint 300")
+    batch_size: int | None = option(None, low=1, high=65536, help="training batch; none = joint 16, frozen 32")
+    learning_rate: float | None = option(None, low=0, high=1, low_open=True,
+                                         help="AdamW learning rate; none = joint 1e-4, frozen 3e-3")
+    weight_decay: float = option(0.01, low=0, high=1, help="AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = option(0.1, low=0, high=1, help="linear warm-up fraction, then linear decay")
+    max_grad_norm: float = option(1.0, low=0, help="gradient clipping for each layer's gate and head and for the "
+                                                   "encoder; 0 = none")
+    eval_every: int | None = option(None, low=1, help="steps between selection scores (each layer keeps its best); "
+                                                      "none = joint 100, frozen each epoch")
+    freeze_embeddings: bool = option(True, help="joint: keep the word-embedding table frozen (as the CPU "
+                                                "reproduction's sweeps)")
+    reduction: int = option(4, low=1, help="AIF bottleneck ratio r")
+    aif_norm: Literal["layernorm", "none"] = option("layernorm", help="normalisation in the AIF bottleneck")
+    classifier_dropout: float = option(0.1, low=0, high=1, high_open=True, help="dropout of the task heads")
+    include_baseline: bool = option(True, help="also train a head on the last layer alone (a reference row, not "
+                                               "ranked)")
+    eval_batch_size: int = option(64, low=1, high=65536, help="batch size of encoder passes without training")
+    cpu: bool = option(False, help="stay on the CPU even when a GPU is present")
+    overwrite: bool = option(False, help="write into a folder with an earlier ranking (replaces ranking.json and "
+                                         "ranking.md only)")
+
+    def check(self) -> None:
+        check_languages([self.train_language], "--train-language")
+        for name in ("seeds", "layers"):
+            values = getattr(self, name)
+            if values is not None and len(set(values)) != len(values):
+                raise DlfaInputError(f"names a {name[:-1]} twice: {values}", option=self.option_name(name))
+
+    def resolved(self) -> dict[str, Any]:
+        """The mode-dependent settings with their defaults filled in (max_steps None: epochs decide)."""
+        defaults = RANK_MODE_DEFAULTS[self.mode]
+        values = {name: defaults[name] if getattr(self, name) is None else getattr(self, name)
+                  for name in ("learning_rate", "batch_size", "eval_every", "max_train_examples")}
+        if self.max_steps is not None or self.epochs is not None:
+            values.update(max_steps=self.max_steps, epochs=self.epochs)
+        else:
+            values.update(max_steps=defaults["max_steps"], epochs=defaults["epochs"])
+        return values
+
+
 __all__ = ["TASK_NAMES", "AblateConfig", "ConvertConfig", "DownloadConfig", "EvaluateConfig", "PruneConfig",
-           "ReportConfig", "RunControl", "SimilarityConfig", "TasksConfig", "check_task_name"]
+           "RankLayersConfig", "ReportConfig", "RunControl", "SimilarityConfig", "TasksConfig", "check_task_name"]

@@ -23,7 +23,6 @@ Nothing heavy is imported at module level.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import platform
@@ -33,11 +32,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from dlfa.analysis.rank_compare import RANKING_FILE, RANKING_FORMAT
+from dlfa.configs import RANK_MODE_DEFAULTS, RankLayersConfig
 from dlfa.errors import DlfaInputError
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dlfa")
 
-DEFAULT_MODEL = "embedded:multilingual-e5-small"
 RANKING_MD = "ranking.md"
 # The recipe holds out part of the training file for selection when both name the same split (XNLI/PAWS-X
 # here); the proxy makes one such split for all seeds, so that the encoder runs once.
@@ -59,147 +58,7 @@ METHODS = {
 INITIALIZER_RANGE = 0.02  # DLFAConfig.initializer_range: N(0, 0.02) Linear weights, as the model's new modules
 
 
-# Defaults that depend on the mode (a field left at None takes them). joint: the CPU reproduction's settings
-# (benchmarks/reproduce_cpu.sh), so that the one joint fine-tuning trains as each sweep cell does; frozen:
-# enough passes over the cached states for the heads to level off (UD-POS, e5-small, 500 sentences: after 160
-# steps the layers were within 1.2 F1 of their scores after 320, in the same order).
-MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "joint": {"learning_rate": 1e-4, "batch_size": 16, "max_steps": 300, "epochs": None, "eval_every": 100,
-              "max_train_examples": 0},
-    "frozen": {"learning_rate": 3e-3, "batch_size": 32, "max_steps": None, "epochs": 4.0, "eval_every": None,
-               "max_train_examples": 2000},
-}
-
-
-@dataclass
-class RankLayersConfig:
-    """Options of ``dlfa rank-layers`` (one field per command-line flag)."""
-
-    task: str = field(metadata={"help": "udpos, panx, xnli or pawsx"})
-    data_dir: str = field(metadata={"help": "the task's data folder; only the training language's files are read"})
-    output_dir: str = field(metadata={"help": "folder for ranking.json and ranking.md (must be empty or new)"})
-    mode: Literal["joint", "frozen"] = field(default="joint", metadata={
-        "help": "joint (default): fine-tune the encoder once, jointly with one gate and head per layer; "
-                "frozen: train gates and heads on cached hidden states of the pretrained encoder (cheaper, "
-                "but it ranks the pretrained layers, see docs/rank-layers.md)"})
-    model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": "encoder: embedded:multilingual-e5-small (default), a Hugging Face id or a local folder"})
-    layers: list[int] | None = field(default=None, metadata={
-        "help": "fused layers x to rank, e.g. 4 8 10 (default: every layer 1..N-1)"})
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={
-        "help": "seeds (initialisation, data order, dropout); the ranking uses the mean over seeds"})
-    train_language: str = field(default="en", metadata={"help": "the language trained and selected on"})
-    train_split: str = field(default="train", metadata={"help": "split of the training-language file to train on"})
-    dev_split: str = field(default="dev", metadata={"help": "split of the training-language file to score on"})
-    dev_holdout: float = field(default=0.1, metadata={
-        "help": "fraction held out for scoring when train and dev split are the same file (XNLI/PAWS-X here)"})
-    max_train_examples: int | None = field(default=None, metadata={
-        "help": "first N training examples, 0: all (default: all for joint, 2000 for frozen, whose cache holds "
-                "their hidden states in memory)"})
-    max_dev_examples: int = field(default=1000, metadata={"help": "first N selection examples (0: all)"})
-    max_length: int | None = field(default=None, metadata={"help": "sub-tokens per window (default: the task's)"})
-    epochs: float | None = field(default=None, metadata={
-        "help": "passes over the training examples (default: frozen 4; joint uses --max-steps)"})
-    max_steps: int | None = field(default=None, metadata={
-        "help": "optimizer steps, overrides --epochs (default: joint 300, as each cell of the CPU reproduction)"})
-    batch_size: int | None = field(default=None, metadata={"help": "training batch size (default: joint 16, frozen 32)"})
-    learning_rate: float | None = field(default=None, metadata={
-        "help": "AdamW learning rate (default: joint 1e-4, frozen 3e-3)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up fraction, then linear decay"})
-    max_grad_norm: float = field(default=1.0, metadata={
-        "help": "gradient-norm clipping, for each layer's gate and head and for the encoder (0: none)"})
-    eval_every: int | None = field(default=None, metadata={
-        "help": "optimizer steps between selection-set scores; each layer keeps its best (default: joint 100, "
-                "frozen each epoch)"})
-    freeze_embeddings: bool = field(default=True, metadata={
-        "help": "joint: keep the word-embedding table frozen (as the CPU reproduction's sweeps)"})
-    reduction: int = field(default=4, metadata={"help": "AIF bottleneck reduction ratio r"})
-    aif_norm: Literal["layernorm", "none"] = field(default="layernorm", metadata={
-        "help": "normalization in the AIF bottleneck"})
-    classifier_dropout: float = field(default=0.1, metadata={"help": "dropout of the task heads"})
-    include_baseline: bool = field(default=True, metadata={
-        "help": "also train a head on the last layer alone (shown for reference, not ranked)"})
-    eval_batch_size: int = field(default=64, metadata={"help": "batch size of encoder passes without training"})
-    cpu: bool = field(default=False, metadata={"help": "stay on the CPU even when a GPU is present"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "write into a non-empty output folder (replaces ranking.json and ranking.md only)"})
-
-    def __post_init__(self) -> None:
-        def bad(option: str, message: str) -> DlfaInputError:
-            return DlfaInputError(message, option=option)
-
-        for name in ("task", "data_dir", "output_dir", "model", "train_language", "train_split", "dev_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise bad(_flag(name), f"must be a non-empty string, got {value!r}")
-        if self.task not in ("udpos", "panx", "xnli", "pawsx"):  # the registry imports seqeval: checked lazily too
-            raise bad("--task", f"unknown task {self.task!r} (known: panx, pawsx, udpos, xnli)")
-        if self.mode not in MODE_DEFAULTS:
-            raise bad("--mode", f"must be joint or frozen, got {self.mode!r}")
-        for name, low in (("max_train_examples", 0), ("max_dev_examples", 0), ("batch_size", 1),
-                          ("reduction", 1), ("eval_batch_size", 1), ("max_length", 1), ("max_steps", 1),
-                          ("eval_every", 1)):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < low):
-                raise bad(_flag(name), f"must be an integer >= {low}, got {value!r}")
-        # (name, lowest, highest, lowest allowed, highest allowed)
-        for name, low, high, low_ok, high_ok in (
-            ("epochs", 0.0, math.inf, False, False), ("learning_rate", 0.0, math.inf, False, False),
-            ("weight_decay", 0.0, math.inf, True, False), ("max_grad_norm", 0.0, math.inf, True, False),
-            ("warmup_ratio", 0.0, 1.0, True, True), ("classifier_dropout", 0.0, 1.0, True, False),
-            ("dev_holdout", 0.0, 1.0, False, False),
-        ):
-            value = getattr(self, name)
-            if value is None and name in ("epochs", "learning_rate"):
-                continue
-            if not _is_number(value) or not math.isfinite(value):
-                raise bad(_flag(name), f"must be a finite number, got {value!r}")
-            if value < low or value > high or (value == low and not low_ok) or (value == high and not high_ok):
-                span = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
-                raise bad(_flag(name), f"must be in {span}, got {value!r}")
-        if self.aif_norm not in ("layernorm", "none"):
-            raise bad("--aif-norm", f"must be layernorm or none, got {self.aif_norm!r}")
-        if not isinstance(self.seeds, list) or not self.seeds or not all(_is_int(s) for s in self.seeds):
-            raise bad("--seeds", f"must be one or more integers, got {self.seeds!r}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise bad("--seeds", f"a seed is given twice: {self.seeds!r}")
-        if self.layers is not None:
-            if not isinstance(self.layers, list) or not self.layers or not all(_is_int(x) for x in self.layers):
-                raise bad("--layers", f"must be one or more layer numbers, got {self.layers!r}")
-            if len(set(self.layers)) != len(self.layers):
-                raise bad("--layers", f"a layer is given twice: {self.layers!r}")
-            if min(self.layers) < 1:
-                raise bad("--layers", f"layers are numbered from 1 (0 is the embedding output), got {min(self.layers)}")
-        for name in ("include_baseline", "cpu", "overwrite", "freeze_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(_flag(name), f"must be true or false, got {getattr(self, name)!r}")
-
-    def resolved(self) -> dict[str, Any]:
-        """The mode-dependent settings with their defaults filled in (max_steps None: epochs decide)."""
-        defaults = MODE_DEFAULTS[self.mode]
-        values = {name: defaults[name] if getattr(self, name) is None else getattr(self, name)
-                  for name in ("learning_rate", "batch_size", "eval_every", "max_train_examples")}
-        if self.max_steps is not None or self.epochs is not None:
-            values.update(max_steps=self.max_steps, epochs=self.epochs)
-        else:
-            values.update(max_steps=defaults["max_steps"], epochs=defaults["epochs"])
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+MODE_DEFAULTS = RANK_MODE_DEFAULTS
 
 
 # -- the cache of hidden states --------------------------------------------------------------------------------------
@@ -660,10 +519,10 @@ def _read_english(task: Any, config: RankLayersConfig, max_train_examples: int) 
 def _check_output(config: RankLayersConfig) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
-        raise DlfaInputError(f"{out} exists and is not a folder", option="--output-dir")
+        raise DlfaInputError(f"{out} exists and is not a folder", option="--output")
     if out.is_dir() and any(out.iterdir()) and not config.overwrite:
         raise DlfaInputError(f"{out} exists and is not empty (pass --overwrite to replace its ranking files)",
-                             option="--output-dir")
+                             option="--output")
     return out
 
 
@@ -683,8 +542,12 @@ def _load_encoder(model_path: str) -> Any:
 
 
 def _num_layers(encoder_config: Any) -> int | None:
-    value = getattr(encoder_config, "num_hidden_layers", None)
-    return value if _is_int(value) else None
+    from dlfa.modeling.modeling_dlfa import encoder_num_layers
+
+    try:
+        return encoder_num_layers(encoder_config)
+    except ValueError:
+        return None
 
 
 def run_rank_layers(config: RankLayersConfig, show_progress: bool = True, command: str | None = None
@@ -893,30 +756,10 @@ def _write(out: Path, result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone command line (``python -m dlfa.analysis.rank_layers``), flags as HfArgumentParser makes them."""
-    import os
+    """``python -m dlfa.analysis.rank_layers ...`` is ``dlfa rank-layers ...``."""
+    from dlfa.cli.main import main as dlfa_main
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers import HfArgumentParser
-
-        parser = HfArgumentParser((RankLayersConfig,), prog="dlfa rank-layers",
-                                  description="Rank DLFA's fused layers at a fraction of a sweep's cost "
-                                              "(training-language data only).")
-        args = list(sys.argv[1:] if argv is None else argv)
-        try:
-            (config,) = parser.parse_args_into_dataclasses(args=args)
-        except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
-            return int(exc.code or 0)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        import shlex
-
-        result = run_rank_layers(config, command=shlex.join(["python", "-m", "dlfa.analysis.rank_layers", *args]))
-        print(ranking_markdown(result))
-        return 0
-    except DlfaInputError as exc:
-        print(f"dlfa: error: {exc}", file=sys.stderr)
-        return 2
+    return dlfa_main(["rank-layers", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

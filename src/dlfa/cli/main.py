@@ -229,6 +229,23 @@ def _ablate(given: dict[str, Any]) -> int:
     return 0
 
 
+def _rank_configs() -> tuple[type, ...]:
+    from dlfa.configs import RankLayersConfig
+
+    return (RankLayersConfig,)
+
+
+def _rank_layers(given: dict[str, Any]) -> int:
+    from dlfa.configs import RankLayersConfig
+    from dlfa.options import command_line
+
+    config = parse_config(RankLayersConfig, given)
+    from dlfa.analysis.rank_layers import ranking_markdown, run_rank_layers
+
+    print(ranking_markdown(run_rank_layers(config, command=command_line())))
+    return 0
+
+
 def _convert_configs() -> tuple[type, ...]:
     from dlfa.configs import ConvertConfig
 
@@ -263,6 +280,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             _prune),
     Command("analyze similarity", "cosine and linear CKA between English and each language, per layer",
             _similarity_configs, _similarity),
+    Command("rank-layers", "rank every fused layer x on English data at a fraction of a sweep's cost "
+            "(docs/rank-layers.md)", _rank_configs, _rank_layers),
     Command("analyze ablate", "re-initialise encoder blocks before fine-tuning; compare the transfer gap",
             _ablate_configs, _ablate, resume_hint=_RESUME),
     Command("convert", "upgrade a model folder written by dlfa 0.1 to a Hugging Face model folder", _convert_configs,

@@ -1113,6 +1113,11 @@ def write_report(
         put(f"{name}.md", "\n".join(table_markdown(t) for t in tables))
         put(f"{name}.csv", records_csv(records))
         put(f"{name}.tex", "\n".join(table_latex(t) for t in tables))
+    from dlfa.analysis.rank_compare import rankings_markdown
+
+    proxy = rankings_markdown(roots, rsel)  # `dlfa rank-layers` rankings under the run folders, beside the sweep's
+    if proxy:
+        put("rank_layers.md", proxy)
     by_language = report.table4_by_language()  # the same records as table4.csv, a language per line
     put("table4_by_language.md", "\n".join(table_markdown(t) for t in by_language))
     put("table4_by_language.tex", "\n".join(table_latex(t) for t in by_language))
@@ -1161,6 +1166,8 @@ def write_report(
     ]
     if selection.rows:
         lines.append(table_markdown(selection))
+    if proxy:
+        lines.append(proxy)
     lines += [table_markdown(t) for t in t2] + [table_markdown(t) for t in t4] + [table_markdown(seeds)]
     if published is not None:
         lines.append(table_markdown(published))
