@@ -34,6 +34,8 @@ def _required(command: str, tmp: Path) -> list[str]:
         "analyze ablate": ["--task", "udpos", "--data-dir", data, "--output", str(tmp / "out"),
                            "--reinit-layers", "1"],
         "convert": [str(tmp / "old"), "--output", str(tmp / "out")],
+        "prune": [str(tmp / "runs")],
+        "rank-layers": ["--task", "udpos", "--data-dir", data, "--output", str(tmp / "out")],
         "demo": ["--output", str(tmp / "out")],
         "tasks": [],
     }[command]

@@ -329,7 +329,7 @@ def test_ranking_table_from_report_selection_records(tmp_path):
             (folder / "metrics.json").write_text(json.dumps({
                 "task": "udpos", "model": "m", "method": "baseline" if x is None else "dlfa", "fuse_layer": x,
                 "seed": seed, "primary_metric": "f1", "average": {"f1": score + seed},
-                "languages": {"en": {"f1": 95.0}}, "selection": {"best_score": dev + seed}}))
+                "languages": {"en": {"f1": score + seed}}, "selection": {"best_score": dev + seed}}))
     _, records = Report(collect_runs([tmp_path / "sweep"]).runs).selection_table()
     md = ranking_table(_ranking(means={1: 50.0, 2: 60.0}), records)
     assert "| D_2 | 60.00 ± 0.50 (1) | 92.50 (1) | 70.50 (1) |" in md
