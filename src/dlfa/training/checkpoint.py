@@ -5,20 +5,29 @@ A checkpoint folder holds:
 * ``model.safetensors``: the model weights;
 * ``optimizer.safetensors``: every per-parameter optimizer tensor (AdamW's moments and step counts), named
   ``<param index>.<state key>``;
-* ``rng.safetensors``: the torch CPU (and CUDA) generator states and the training sampler's generator state;
+* ``rng.safetensors``: the torch CPU (and CUDA) generator states and the training sampler's generator state of
+  process 0; ``rng-<k>.safetensors`` the same for process k of a multi-process run (each process saves its own);
 * ``state.json``: optimizer hyperparameters (and the names of its tensors), the scheduler's state, Python's and
-  NumPy's RNG states and the loop position (step, epoch, batches consumed in the epoch, selection history);
+  NumPy's RNG states, the number of processes and the loop position (step, epoch, batches consumed in the epoch,
+  selection history);
 * ``checksums.json``, written last: the sha256 of each file above. safetensors checks a file's header, not its
   tensor data, so a flipped bit would otherwise be loaded silently; every file is verified before anything is used.
 
-The folder is written to a temporary name and renamed into place, so a kill at any moment leaves either the
-previous checkpoint or the new one, never a mixture.
+The folder is staged under a hidden temporary name and renamed into place, so a kill at any moment leaves either
+the previous checkpoint or the new one (:func:`dlfa.io.recover_folder` finishes an interrupted replacement), never
+a mixture. With several processes, every process writes its RNG file into the staging folder, then process 0
+writes the rest and renames; the others wait at barriers. Model and optimizer are the same on every process
+(data parallel), so process 0 saves them once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dlfa.errors import DlfaInputError
-from dlfa.io import CHECKSUMS_NAME, atomic_path, read_checksums, sha256_file, write_checksums
+from dlfa.io import CHECKSUMS_NAME, TMP_SUFFIX, fsync_path, read_checksums, sha256_file, write_checksums
 
 STATE_FILE = "state.json"
 CHECKSUMS_FILE = CHECKSUMS_NAME
@@ -74,6 +83,25 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def rng_file(process_index: int) -> str:
+    return "rng.safetensors" if process_index == 0 else f"rng-{process_index}.safetensors"
+
+
+def checkpoint_files(num_processes: int) -> tuple[str, ...]:
+    """The files whose sha256 checksums.json records, for a checkpoint of ``num_processes`` processes."""
+    return (*FILES, *(rng_file(k) for k in range(1, num_processes)))
+
+
+def _rng_tensors(sampler_generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = cuda_state
+    if sampler_generator is not None:
+        rng["sampler"] = sampler_generator.get_state()
+    return rng
+
+
 def save_checkpoint(
     folder: str | Path,
     model: torch.nn.Module,
@@ -81,39 +109,56 @@ def save_checkpoint(
     scheduler: Any,
     sampler_generator: torch.Generator | None,
     progress: dict[str, Any],
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> None:
-    optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = cuda_state
-    if sampler_generator is not None:
-        rng["sampler"] = sampler_generator.get_state()
-    np_state = np.random.get_state()
-    state = {
-        "progress": progress,
-        "optimizer": optimizer_meta,
-        "scheduler": scheduler.state_dict(),
-        "python_random": _jsonable(random.getstate()),
-        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    with atomic_path(folder, replace_folder=True) as tmp:
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-        write_checksums(tmp, FILES)  # last: it vouches for the files above
+    """Write a checkpoint; with several processes every one calls this (``barrier`` is the accelerator's)."""
+    folder = Path(folder)
+    root = folder.parent / f".{folder.name}.step-{progress.get('step', 0)}{TMP_SUFFIX}"  # one name for all processes
+    staged = root / folder.name
+    if process_index == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        staged.mkdir(parents=True)
+    barrier()
+    save_file(_rng_tensors(sampler_generator), str(staged / rng_file(process_index)))
+    barrier()
+    if process_index == 0:
+        optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
+        np_state = np.random.get_state()
+        state = {
+            "progress": progress,
+            "num_processes": num_processes,
+            "optimizer": optimizer_meta,
+            "scheduler": scheduler.state_dict(),
+            "python_random": _jsonable(random.getstate()),
+            "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        }
+        save_model(model, str(staged / "model.safetensors"))
+        save_file(optimizer_tensors, str(staged / "optimizer.safetensors"))
+        (staged / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        write_checksums(staged, checkpoint_files(num_processes))  # last: it vouches for the files above
+        if folder.is_dir():
+            os.replace(folder, root / (folder.name + ".old"))
+        os.replace(staged, folder)
+        fsync_path(folder.parent)
+        shutil.rmtree(root, ignore_errors=True)
+    barrier()
 
 
-def _verify_checksums(folder: Path) -> None:
-    """Compare every file with its sha256 in checksums.json; ValueError naming the first that differs."""
+def _verify_checksums(folder: Path) -> int:
+    """Compare every file with its sha256 in checksums.json; ValueError naming the first that differs.
+
+    Returns the number of processes that wrote the checkpoint (one RNG file each)."""
     digests = read_checksums(folder / CHECKSUMS_FILE)
-    if set(digests) != set(FILES):
-        raise ValueError(f"{CHECKSUMS_FILE} does not list exactly {', '.join(FILES)}")
-    for name in FILES:
+    num_processes = 1 + sum(1 for name in digests if re.fullmatch(r"rng-[1-9][0-9]*\.safetensors", name))
+    expected = checkpoint_files(num_processes)
+    if set(digests) != set(expected):
+        raise ValueError(f"{CHECKSUMS_FILE} does not list exactly {', '.join(expected)}")
+    for name in expected:
         if sha256_file(folder / name) != digests[name]:
             raise ValueError(f"{name} does not match its sha256 in {CHECKSUMS_FILE}")
+    return num_processes
 
 
 def _require(mapping: Any, key: str, where: str) -> Any:
@@ -131,8 +176,11 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     sampler_generator: torch.Generator | None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> dict[str, Any]:
-    """Restore everything saved by :func:`save_checkpoint`; return the loop position.
+    """Restore everything saved by :func:`save_checkpoint`; return the loop position. Each process restores the
+    shared model and optimizer state and its own RNG states.
 
     Every file is checked against checksums.json first, and every read of the saved state happens inside one
     ``try``: a damaged checkpoint is one clear :class:`DlfaInputError` naming the folder and the problem.
@@ -142,7 +190,15 @@ def load_checkpoint(
         if not (folder / name).is_file():
             raise DlfaInputError(f"incomplete checkpoint ({name} missing)", path=folder)
     try:
-        _verify_checksums(folder)
+        written_by = _verify_checksums(folder)
+    except (OSError, ValueError) as exc:
+        raise DlfaInputError(f"corrupt checkpoint ({(str(exc).splitlines() or [''])[0]})", path=folder) from None
+    if written_by != num_processes:
+        # Another process count shards the data differently: the resumed run would not be the interrupted one.
+        raise DlfaInputError(f"the checkpoint was written by {written_by} process(es); resume it with "
+                             f"{written_by} (e.g. torchrun --nproc_per_node {written_by}), not {num_processes}",
+                             path=folder)
+    try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         progress = _require(state, "progress", STATE_FILE)
         if not isinstance(progress, dict):
@@ -156,10 +212,11 @@ def load_checkpoint(
             raise ValueError(f"weights do not match the model ({len(missing)} missing, {len(unexpected)} unexpected)")
         _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")),
                            _require(state, "optimizer", STATE_FILE))
-        rng = load_file(str(folder / "rng.safetensors"))
-        torch_cpu = _require(rng, "torch_cpu", "rng.safetensors")
+        rng_name = rng_file(process_index)
+        rng = load_file(str(folder / rng_name))
+        torch_cpu = _require(rng, "torch_cpu", rng_name)
         # A sampler that silently kept its fresh state would replay other batches than the interrupted run.
-        sampler_state = None if sampler_generator is None else _require(rng, "sampler", "rng.safetensors")
+        sampler_state = None if sampler_generator is None else _require(rng, "sampler", rng_name)
         scheduler.load_state_dict(scheduler_state)
         torch.set_rng_state(torch_cpu)
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
