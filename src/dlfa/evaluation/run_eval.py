@@ -1,4 +1,8 @@
-"""``dlfa evaluate``: score a finished run's selected model on (other) target languages."""
+"""``dlfa evaluate``: score a finished run's selected model on (other) target languages.
+
+Reads model folders of every dlfa version: Hugging Face folders (config.json of model_type dlfa) and dlfa 0.1
+folders (dlfa_config.json), see ``dlfa.modeling.storage``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dlfa.data.batching import Collator
 from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.io import write_json_atomic
-from dlfa.modeling.modeling_dlfa import DLFA_CONFIG_NAME, DLFAModel
+from dlfa.modeling.storage import is_model_folder, load_dlfa_model
 from dlfa.tasks import get_task
 
 
@@ -35,7 +39,7 @@ def evaluate_run(
     from transformers import AutoTokenizer
 
     run = Path(run)
-    if (run / DLFA_CONFIG_NAME).is_file():  # given the model folder itself
+    if is_model_folder(run):  # given the model folder itself (a run folder's config.json is not one)
         model_dir, run = run, run.parent
     else:
         model_dir = run / "best"
@@ -47,7 +51,7 @@ def evaluate_run(
     langs = task.resolve_languages(data_dir, languages, option="--languages")
     examples = {lang: task.read(data_dir, lang, task.eval_split)[:max_examples] for lang in langs}
 
-    model = DLFAModel.from_pretrained(model_dir)
+    model = load_dlfa_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     collator = Collator(tokenizer, task.head)
     per_language = {}

@@ -126,10 +126,11 @@ def load_dlfa_model(path: str | Path, device: str | torch.device = "cpu") -> DLF
     folder = Path(path)
     if not folder.is_dir():
         raise DlfaInputError("model folder not found", path=folder)
-    kind = folder_format(folder)
+    # A config.json of another model type is reported by _hf_config, naming the file.
+    kind = "legacy" if (folder / LEGACY_CONFIG_NAME).is_file() else "hf" if (folder / CONFIG_NAME).is_file() else None
     if kind is None:
-        raise DlfaInputError(f"not a saved dlfa model ({CONFIG_NAME} of model_type 'dlfa', or dlfa 0.1's "
-                             f"{LEGACY_CONFIG_NAME}, missing)", path=folder)
+        raise DlfaInputError(f"not a saved dlfa model ({CONFIG_NAME}, or dlfa 0.1's {LEGACY_CONFIG_NAME}, missing)",
+                             path=folder)
     weights = folder / WEIGHTS_NAME
     if kind == "legacy":
         config, model_class = legacy_config(folder)

@@ -4,8 +4,9 @@ One class, built from a :class:`TrainConfig`, in three stages: ``setup`` (read a
 anything is written), ``train`` (accelerate loop with English-dev checkpoint selection) and ``evaluate``
 (zero-shot scores of the selected model). ``run`` does all three. The CLI only builds the config.
 
-A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/`` (the selected model and
-its tokenizer) and, written last, ``metrics.json``. Files are written atomically, so a folder never holds a
+A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/`` (the selected model: one
+Hugging Face model folder with its tokenizer, see ``dlfa.modeling.storage``; its model card ``README.md`` is
+written from ``metrics.json``) and ``metrics.json``, which marks a finished run. Files are written atomically, so a folder never holds a
 half-written file; a run whose ``metrics.json`` is missing did not finish.
 """
 
@@ -32,7 +33,15 @@ from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.evaluation.guard import check_honest_evaluation
 from dlfa.io import atomic_path, write_json_atomic
-from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers, validate_fuse_layer
+from dlfa.modeling.modeling_dlfa import (
+    HEAD_CLASSES,
+    DLFAConfig,
+    DLFAConfigError,
+    DLFAWeightsError,
+    encoder_num_layers,
+    validate_fuse_layer,
+)
+from dlfa.modeling.storage import config_input_error, load_dlfa_model, save_dlfa_model
 from dlfa.tasks import get_task
 from dlfa.training.checkpoint import load_checkpoint, save_checkpoint
 from dlfa.training.config import TrainConfig
@@ -108,6 +117,7 @@ class FinetuneRecipe:
             raise DlfaInputError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}", option="--model") from None
         self.num_layers = encoder_num_layers(encoder_config)
         validate_fuse_layer(cfg.fuse_layer, self.num_layers)
+        self.model_settings = self._model_settings(task, encoder_config)
 
         self.tokenizer = load_tokenizer(self.model_path)
         train_examples, dev_examples = self._read_train_and_dev()
@@ -138,16 +148,7 @@ class FinetuneRecipe:
             len(dev_examples), ",".join(self.languages),
         )
 
-        dlfa_config = DLFAConfig(
-            head=task.head,
-            num_labels=len(task.labels),
-            labels=list(task.labels),
-            fuse_layer=cfg.fuse_layer,
-            reduction=cfg.reduction,
-            aif_norm=cfg.aif_norm,
-            encoder_name=cfg.model,
-        )
-        model = self._build_model(dlfa_config)
+        model = self._build_model(self.model_settings)
         optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
 
         self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
@@ -175,8 +176,34 @@ class FinetuneRecipe:
     def _train_collator(self):
         return self.collator
 
-    def _build_model(self, dlfa_config: DLFAConfig) -> torch.nn.Module:
-        model = DLFAModel.from_encoder(dlfa_config, self.model_path)
+    def _model_settings(self, task, encoder_config) -> dict[str, Any]:
+        """The DLFA settings of this run (``from_encoder`` keyword arguments), checked against the encoder now,
+        before anything is written."""
+        cfg = self.config
+        settings = {
+            "fuse_layer": cfg.fuse_layer,
+            "reduction": cfg.reduction,
+            "aif_norm": cfg.aif_norm,
+            # getattr: TrainConfigs from before these two options existed
+            "aif_norm_placement": getattr(cfg, "aif_norm_placement", "bottleneck"),
+            "gate_init": getattr(cfg, "gate_init", "average"),
+            "id2label": list(task.labels),
+            "encoder_name": cfg.model,
+        }
+        labels = dict(enumerate(task.labels))
+        try:
+            DLFAConfig(encoder=encoder_config, **{**settings, "id2label": labels})
+        except DLFAConfigError as exc:
+            raise config_input_error(exc) from None
+        return settings
+
+    def _build_model(self, model_settings: dict[str, Any]) -> torch.nn.Module:
+        """A new DLFA model (the task's head) around the pretrained encoder."""
+        try:
+            model = HEAD_CLASSES[self.task.head].from_encoder(self.model_path, **model_settings)
+        except (OSError, DLFAWeightsError) as exc:  # no safetensors weights, or weights the encoder lacks
+            raise DlfaInputError(f"cannot load model {self.config.model!r}: {' '.join(str(exc).split())}",
+                                 option="--model") from None
         if self.config.freeze_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         return model
@@ -378,8 +405,7 @@ class FinetuneRecipe:
             if improved:
                 self.best = record
                 with atomic_path(self.output_dir / BEST_DIR) as tmp:
-                    model.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
+                    save_dlfa_model(model, tmp, self.tokenizer)
         accelerator.wait_for_everyone()
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -392,7 +418,7 @@ class FinetuneRecipe:
         accelerator = self.accelerator
         result: dict[str, Any] = {}
         if accelerator.is_main_process:
-            model = DLFAModel.from_pretrained(self.output_dir / BEST_DIR, device=accelerator.device)
+            model = load_dlfa_model(self.output_dir / BEST_DIR, device=accelerator.device)
             per_language = {}
             for lang in self.languages:
                 features = self._features(self.eval_examples[lang], lang, self.task.eval_split,
@@ -430,8 +456,18 @@ class FinetuneRecipe:
                 "train_seconds": self.train_seconds,
             }
             write_json_atomic(self.output_dir / METRICS_FILE, result)
+            self._write_model_card()
         accelerator.wait_for_everyone()
         return result
+
+    def _write_model_card(self) -> None:
+        """best/README.md from metrics.json; a run is finished without it, so a disk error only warns."""
+        from dlfa.modeling.card import write_model_card
+
+        try:
+            write_model_card(self.output_dir)
+        except OSError as exc:
+            logger.warning("could not write the model card %s: %s", self.output_dir / BEST_DIR / "README.md", exc)
 
     def finished_result(self) -> dict[str, Any] | None:
         """The metrics of an already finished run in the output folder (for resumable sweeps)."""
