@@ -121,7 +121,8 @@ def model_card(run_dir: str | Path) -> str:
 
     front = ["---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}",
              f"tags: [dlfa, zero-shot-cross-lingual-transfer, {task.name}]"]
-    codes = [lang for lang in languages if _LANGUAGE_CODE.fullmatch(lang)]
+    train_language = (metrics.get("selection") or {}).get("language", train.get("train_language", "en"))
+    codes = [lang for lang in dict.fromkeys([train_language, *languages]) if _LANGUAGE_CODE.fullmatch(lang)]
     if codes:
         front.append(f"language: [{', '.join(codes)}]")
     if "/" in base and not Path(base).exists() and not base.startswith("embedded:"):
@@ -194,8 +195,9 @@ def model_card(run_dir: str | Path) -> str:
             + (', aggregation_strategy="first")' if task.head == "token" else ")"),
             "```"]
     if task.head == "token":
-        out += ["", "For dlfa's word-level tags give the words pre-split: "
-                    "`dlfa.modeling.pipelines.tag_words(pipe, words)`."]
+        out += ["", "dlfa's word-level tags (one per word, as its evaluation scores them) from the pipeline: "
+                    "`dlfa.modeling.pipelines.tag_words(pipe, [words, ...])`, which gives the words pre-split "
+                    "and expands the pipeline's entity groups."]
 
     out += ["", "## Data licences", ""]
     data_dir = Path(train.get("data_dir") or ".")

@@ -66,11 +66,12 @@ def tag_words(pipe: Any, sentences: Sequence[Sequence[str]]) -> list[list[str | 
     """Word-level tags of pre-split sentences from a ``token-classification`` pipeline (see the module doc)."""
     labels = [pipe.model.config.id2label[i] for i in sorted(pipe.model.config.id2label)]
     iob = is_iob(labels)
-    results = []
-    for words in sentences:
-        entities = pipe(list(words), is_split_into_words=True, aggregation_strategy="first", ignore_labels=[])
-        results.append(word_tags_from_entities(entities, words, iob))
-    return results
+    if not sentences:
+        return []
+    # A list of word lists is a batch of pre-split sentences (one list of words alone would be one too).
+    entities = pipe([list(words) for words in sentences], is_split_into_words=True, aggregation_strategy="first",
+                    ignore_labels=[])
+    return [word_tags_from_entities(groups, words, iob) for groups, words in zip(entities, sentences, strict=True)]
 
 
 def classify_pairs(pipe: Any, pairs: Sequence[tuple[str, str]], max_length: int | None = None) -> list[str]:
