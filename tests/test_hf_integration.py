@@ -559,3 +559,30 @@ def test_dlfa_evaluate_reads_a_legacy_run(legacy_folder, pos_run, tmp_path, tiny
     tiny_tokenizer.save_pretrained(run / "best")
     result = evaluate_run(run, languages=["de"])
     assert result["fuse_layer"] == 2 and result["languages"]["de"]["words"] > 0
+
+
+# -- the README's lines -------------------------------------------------------------------------------------------
+
+
+def _readme_blocks() -> list[str]:
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Using a trained model with transformers", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_transformers_lines_run(pos_run, pair_model):
+    load, publish = _readme_blocks()
+    code = load.replace("runs/udpos-d8/best", str(pos_run / "best")).replace("runs/xnli-d11/best", str(pair_model))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert type(scope["model"]).__name__ == "DLFAForTokenClassification"
+    words = ["Der", "Hund", "sitzt", "auf", "der", "Matte"]
+    assert scope["tag_words"](scope["tagger"], [words]) == _dlfa_word_tags(pos_run / "best", "udpos", [words])
+    # Publishing needs the network: check that the calls exist with these arguments.
+    import inspect
+
+    from huggingface_hub import HfApi
+
+    compile(publish, "README.md", "exec")
+    assert {"repo_id", "folder_path"} <= set(inspect.signature(HfApi.upload_folder).parameters)
+    assert "exist_ok" in inspect.signature(HfApi.create_repo).parameters and hasattr(scope["model"], "push_to_hub")

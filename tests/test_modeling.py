@@ -381,3 +381,20 @@ def test_encoder_export_is_one_call(tiny_model_dir, tmp_path):
     encoder = AutoModel.from_pretrained(tmp_path, add_pooling_layer=False)
     assert type(encoder).__name__ == "BertModel"
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in model.encoder.state_dict().items())
+
+
+def test_activation_checkpointing_reaches_the_encoder_and_keeps_the_gradients(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=2).train()
+    ids, labels = torch.tensor([[0, 10, 11, 12, 2]]), torch.tensor([[-100, 1, 2, 0, -100]])
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks (checkpointing replays the RNG state)
+        model(ids, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.encoder.encoder.layer)
+    checkpointed = gradients()
+    assert all(torch.allclose(checkpointed[n], plain[n], atol=1e-6) for n in plain)

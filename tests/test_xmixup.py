@@ -556,6 +556,10 @@ def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir,
     assert metrics["method"] == "xmixup" and metrics["fuse_layer"] == 2 and metrics["xmixup"]["layers"] == [1, 2]
     model = XMixupModel.from_pretrained(reference / "best")
     assert model.model.fusion is not None and set(model.mixers) == {"1", "2"}
+    plain = load_dlfa_model(reference / "best")  # best/ of an X-Mixup run is a DLFA model folder too
+    assert type(plain).__name__ == "DLFAForSequenceClassification" and plain.config.fuse_layer == 2
+    card = (reference / "best" / "README.md").read_text()
+    assert "X-Mixup + DLFA D_2" in card and "mixing blocks [1, 2]" in card and "xmixup.safetensors" in card
 
     # Interrupt right after the second checkpoint (step 4 of 10), then resume.
     original, calls = XMixupRecipe._checkpoint, []

@@ -115,13 +115,12 @@ def model_card(run_dir: str | Path) -> str:
            "dlfa": f"DLFA D_{fuse_layer}", "xmixup": "X-Mixup" + (f" + DLFA D_{fuse_layer}" if fuse_layer else "")
            }.get(method, method)
     selection = metrics.get("selection", {}) if isinstance(metrics.get("selection"), dict) else {}
-    train_language = selection.get("language", train.get("train_language", "en"))
     labels = [model_config.get("id2label", {})[k] for k in sorted(model_config.get("id2label", {}), key=int)]
     pipeline_tag = "token-classification" if task.head == "token" else "text-classification"
 
     front = ["---", "library_name: transformers", f"pipeline_tag: {pipeline_tag}",
              f"tags: [dlfa, zero-shot-cross-lingual-transfer, {task.name}]"]
-    train_language = (metrics.get("selection") or {}).get("language", train.get("train_language", "en"))
+    train_language = selection.get("language", train.get("train_language", "en"))
     codes = [lang for lang in dict.fromkeys([train_language, *languages]) if _LANGUAGE_CODE.fullmatch(lang)]
     if codes:
         front.append(f"language: [{', '.join(codes)}]")
@@ -130,9 +129,16 @@ def model_card(run_dir: str | Path) -> str:
     front.append("---")
 
     out = front + ["", f"# {row} on `{base}` for {task.name} (zero-shot cross-lingual transfer)", ""]
+    mix = metrics.get("xmixup") if isinstance(metrics.get("xmixup"), dict) else None
+    if mix is None:
+        trained_on = (f"Fine-tuned on {train_language} {task.name} and applied unchanged to the other languages: no "
+                      "target-language label was used in training or in checkpoint selection. ")
+    else:
+        trained_on = (f"Fine-tuned on {train_language} {task.name} with X-Mixup (Yang et al., 2022) on parallel pairs "
+                      f"with {', '.join(map(str, mix.get('parallel') or []))} (translations; see metrics.json for "
+                      f"which sides carry labels); checkpoint selection used {train_language} only. ")
     out.append(
-        f"Fine-tuned on {train_language} {task.name} and applied unchanged to the other languages: no target-language "
-        "label was used in training or in checkpoint selection. "
+        trained_on
         + ("DLFA (Chen et al., 2022) fuses encoder layer "
            f"{fuse_layer} into the last layer through an attentional gate (AIF) and the head reads the fused "
            "representation." if fuse_layer is not None else "The head reads the encoder's last layer.")
@@ -150,10 +156,10 @@ def model_card(run_dir: str | Path) -> str:
             f"| AIF gate | {gate} |",
             f"| head | {head} |",
             f"| labels | {len(labels)}: {', '.join(labels)} |"]
-    if isinstance(metrics.get("xmixup"), dict):
-        mix = metrics["xmixup"]
+    if mix is not None:
         out.append(f"| X-Mixup | mixing blocks {mix.get('layers')}, alpha {mix.get('alpha')}, schedule "
-                   f"{mix.get('schedule')} |")
+                   f"{mix.get('schedule')}; the mixers (`xmixup.safetensors`) serve only inference with a source "
+                   "translation (dlfa's `XMixupModel`); transformers loads the target-only model |")
 
     out += ["", "## Training data", "",
             f"* Task: {task.name} (`{train.get('data_dir', '?')}`), trained on {train_language} "

@@ -34,8 +34,8 @@ Design choices the paper leaves open, and what this file does:
   only, ``Linear -> LN -> ReLU -> Linear``. ``"mscam"``: after both linear layers of each branch, as MS-CAM puts
   BatchNorm after both 1x1 convolutions: ``Linear -> LN(H/r) -> ReLU -> Linear -> LN(H)``. The final LN makes each
   branch's output unit-variance per token, so with ``"mscam"`` the gate starts spread around its initial value
-  (pre-activation noise of std about sqrt(2)) rather than close to it. ``aif_norm="none"`` has no norm to place,
-  so ``"mscam"`` with it is refused.
+  (pre-activation std about sqrt(2): 95% of g within 0.06-0.94 for ``"average"``) rather than close to it.
+  ``aif_norm="none"`` has no norm to place, so ``"mscam"`` with it is refused.
 * **Global pooling.** The global branch mean-pools ``W`` over the non-padding tokens only (the attention
   mask), applies its bottleneck, and broadcasts the result to every token.
 * **Initialization** (``_init_weights``). New linear weights are drawn from N(0, initializer_range) (0.02, as in
@@ -49,8 +49,10 @@ Design choices the paper leaves open, and what this file does:
   as the baseline (L = 0.97 L1 + 0.03 L2) and moves toward layer x only where that lowers the loss. Why 3.5:
   the gate's gradient scales with g(1 - g), which is 0.028 at g = 0.97 (a ninth of its value at g = 0.5) but
   0.007 at g = 0.993 (bias 5), where the gate would barely learn; below about 3 (g < 0.95) the start is no
-  longer close to the baseline. The random part of the pre-activation (std about 0.02 sqrt(H/r) per branch
-  with the default placement, 0.3 for H = 768, r = 4) keeps g within about 0.96-0.98.
+  longer close to the baseline. With the default placement the random part of ``local + global`` has std about
+  0.02 sqrt(H/r) (0.28 for H = 768, r = 4), which keeps 95% of the initial g within 0.95-0.98 (0.36-0.63 for
+  ``"average"``; measured on random inputs). With ``"mscam"`` the bias sits in the final LayerNorm and 95% of g
+  start within 0.68-0.998.
 * **Heads.** Token classification is dropout + linear on every sub-token (:class:`DLFAForTokenClassification`,
   BERT's head); the loss and the metrics use one sub-token per word (the data pipeline decides which; see
   ``dlfa.data.features``). Sequence(-pair) classification reads the first token (``[CLS]``/``<s>``) through
@@ -60,6 +62,18 @@ Design choices the paper leaves open, and what this file does:
   with ``AutoModel.from_config(config.encoder)`` and without its pooler where the class has one (the pooler is
   unused; an unused parameter is also what distributed data parallel rejects). A checkpoint that has pooler
   weights is accepted and its pooler ignored.
+
+Departures from MS-CAM's gate, in one table (the bullets above say why):
+
+=====================  ======================================  ================================================
+part                   MS-CAM (Dai et al., 2021)               here
+=====================  ======================================  ================================================
+1x1 convolutions       Conv1x1 over channels                   the same map: per-token Linear
+normalization          BatchNorm after both convolutions       LayerNorm after the first (default) or both
+                                                               linear layers (``aif_norm_placement``), or none
+global pooling         average over every position             mean over non-padding tokens only
+initial gate           whatever the init gives (BN gamma 1)    g near 0.5 (``average``) or 0.97 (``baseline``)
+=====================  ======================================  ================================================
 
 Loading is strict: :meth:`DLFAPreTrainedModel.from_pretrained` reads safetensors only and raises
 :class:`DLFAWeightsError` when the checkpoint lacks a weight of the model (or has one of another shape, or an
@@ -81,6 +95,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput, TokenClassifierOutput
+from transformers.utils import logging
 
 try:  # transformers >= 5: init functions that leave loaded (flagged) tensors alone
     from transformers import initialization as init
@@ -92,6 +107,8 @@ AIF_NORM_PLACEMENTS = ("bottleneck", "mscam")
 GATE_INITS = ("average", "baseline")
 BASELINE_GATE_BIAS = 3.5  # gate_init="baseline": g starts near sigmoid(3.5) = 0.97 (module docstring: why)
 POOLER_KEYS = r"encoder\.pooler\."  # a pooler in an encoder checkpoint is accepted and ignored
+
+logger = logging.get_logger(__name__)
 
 
 def _value_error(message: str, option: str | None = None) -> Exception:
@@ -199,23 +216,36 @@ def load_encoder(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     """A pretrained transformers encoder (Hub id or folder), from safetensors, without its pooler.
 
     Missing or mismatched weights are an error (transformers would initialise them at random); weights the encoder
-    does not use (a pooler, pretraining heads such as BERT's ``cls.*``) are ignored.
+    does not use (a pooler, pretraining heads such as BERT's ``cls.*``) are ignored, with one info line.
     """
+    from transformers.utils import logging as hf_logging
+
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    encoder, info = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True,
-                                              output_loading_info=True, **encoder_model_kwargs(config), **kwargs)
+    modeling_logger = hf_logging.get_logger("transformers.modeling_utils")
+    level = modeling_logger.level
+    modeling_logger.setLevel(hf_logging.ERROR)  # its load report would list the unused weights as a warning table
+    try:
+        encoder, info = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True,
+                                                  output_loading_info=True, **encoder_model_kwargs(config), **kwargs)
+    finally:
+        modeling_logger.setLevel(level)
     problems = _loading_problems(info, unexpected=False)
     if problems:
         raise DLFAWeightsError(f"{name_or_path}: the encoder's weights do not match {type(encoder).__name__} "
                                f"({problems})")
+    if info.get("unexpected_keys"):
+        logger.info("%s: weights the encoder does not use were left out: %s", name_or_path,
+                    _some_keys(info["unexpected_keys"]))
     return encoder
 
 
-def _loading_problems(info: Mapping[str, Any], unexpected: bool = True) -> str:
-    def some(keys: Any) -> str:
-        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+def _some_keys(keys: Any) -> str:
+    names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
+
+def _loading_problems(info: Mapping[str, Any], unexpected: bool = True) -> str:
+    some = _some_keys
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing {some(info['missing_keys'])}")
