@@ -218,17 +218,14 @@ def load_encoder(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
     Missing or mismatched weights are an error (transformers would initialise them at random); weights the encoder
     does not use (a pooler, pretraining heads such as BERT's ``cls.*``) are ignored, with one info line.
     """
-    from transformers.utils import logging as hf_logging
-
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    modeling_logger = hf_logging.get_logger("transformers.modeling_utils")
-    level = modeling_logger.level
-    modeling_logger.setLevel(hf_logging.ERROR)  # its load report would list the unused weights as a warning table
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # transformers' load report would list the unused weights as a warning table
     try:
         encoder, info = AutoModel.from_pretrained(name_or_path, config=config, use_safetensors=True,
                                                   output_loading_info=True, **encoder_model_kwargs(config), **kwargs)
     finally:
-        modeling_logger.setLevel(level)
+        logging.set_verbosity(verbosity)
     problems = _loading_problems(info, unexpected=False)
     if problems:
         raise DLFAWeightsError(f"{name_or_path}: the encoder's weights do not match {type(encoder).__name__} "
