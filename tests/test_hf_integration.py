@@ -586,3 +586,32 @@ def test_readme_transformers_lines_run(pos_run, pair_model):
     compile(publish, "README.md", "exec")
     assert {"repo_id", "folder_path"} <= set(inspect.signature(HfApi.upload_folder).parameters)
     assert "exist_ok" in inspect.signature(HfApi.create_repo).parameters and hasattr(scope["model"], "push_to_hub")
+
+
+def test_tagging_pipeline_with_a_wordpiece_vocabulary(tiny_model_dir, tmp_path):
+    """mBERT-style WordPiece: every word starts with a piece that carries characters, so the rule above reduces to
+    IOB2 repair (no bare markers); transformers groups the pieces by their "##" prefix."""
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizerFast, pipeline
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_letters, *string.punctuation,
+             *(f"##{c}" for c in string.ascii_letters), "the", "cat", "in", "Berlin", "##in", "猫", "が", "東", "京"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=False)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False
+              ).save_pretrained(tmp_path / "encoder")
+    model = DLFAForTokenClassification.from_encoder(str(tmp_path / "encoder"), fuse_layer=1,
+                                                    id2label=list(get_task("panx").labels))
+    with torch.no_grad():
+        model.classifier.weight.mul_(60.0)
+    folder = _saved_model(tmp_path / "wp-best", model, tokenizer)
+    expected = _dlfa_word_tags(folder, "panx", NER_SENTENCES)
+    bare = _bare_marker_tags(folder, NER_SENTENCES)
+    assert all(b is None for s in bare for b in s)
+    got = tag_words(pipeline("token-classification", model=str(folder)), NER_SENTENCES)
+    assert got == [_expected_pipeline_iob(t, b) for t, b in zip(expected, bare)]
+    assert any(len(tokenizer.tokenize(w)) > 1 for s in NER_SENTENCES for w in s)  # words of several pieces
+    assert len({t for s in expected for t in s}) >= 3

@@ -525,6 +525,10 @@ class DLFAModel(DLFAPreTrainedModel):
         encoder_config = config._require_encoder()
         if encoder is None:
             encoder = AutoModel.from_config(encoder_config, **encoder_model_kwargs(encoder_config))
+        else:
+            # A given (pretrained) encoder keeps its weights: initialization skips modules marked initialised.
+            for module in encoder.modules():
+                module._is_hf_initialized = True
         self.encoder = encoder
         self.num_layers = encoder_num_layers(encoder.config)
         hidden = encoder_hidden_size(encoder.config)

@@ -18,16 +18,18 @@ runs of adjacent words of the same tag type, with character offsets, ``O`` runs 
 tokenization is dlfa's) and expands the groups back into one tag per word. Then:
 
 * the pipeline's ``"first"`` aggregation reads, for each word, the same sub-token as dlfa: WordPiece words
-  start with a piece that carries characters; for SentencePiece vocabularies the pipeline starts a "word" of its
-  own at a bare ``▁`` (it shares its character offset with the next piece) and the next piece, the one dlfa
-  labels, starts the word proper. So every word gets dlfa's tag *type*, and tag sets without ``B-``/``I-``
-  prefixes (UD-POS) come back identical to dlfa's word predictions.
+  start with a piece that carries characters (transformers groups WordPiece pieces by their ``##``, comparing a
+  piece's length with its text, so a normalisation that changes a first piece's length, such as a ligature,
+  could join it to the previous word); for SentencePiece vocabularies the pipeline starts a "word" of its own at
+  a bare ``▁`` (it shares its character offset with the next piece) and the next piece, the one dlfa labels,
+  starts the word proper. So every word gets dlfa's tag *type*, and tag sets without ``B-``/``I-`` prefixes
+  (UD-POS) come back identical to dlfa's word predictions.
 * ``B-``/``I-`` prefixes (PAN-X) are not in the groups: :func:`tag_words` writes ``B-`` on the first word of a
   group and ``I-`` on the others. A word whose dlfa tag is ``I-X`` is reported ``I-X`` exactly when it continues
   the group: the previous word's type is X and, if the word begins with a bare ``▁``, the model's tag at that
   ``▁`` is ``I-X`` too (a ``▁`` predicted otherwise closes the group). Otherwise it is reported ``B-X``; this
   is the IOB2 reading seqeval gives dlfa's own ``I-X`` at the start of an entity, except where a bare ``▁``
-  splits an entity. tests/test_hf_integration.py checks this rule word by word.
+  splits an entity. tests/test_hf_integration.py checks this rule word by word (SentencePiece and WordPiece).
 """
 
 from __future__ import annotations
