@@ -312,12 +312,13 @@ class Context:
         return copy.deepcopy(self._encoder)
 
     def model(self, fuse: bool) -> torch.nn.Module:
-        from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+        from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAForTokenClassification
 
         torch.manual_seed(self.settings.seed)
-        config = DLFAConfig(head="token", num_labels=len(self.task.labels), labels=list(self.task.labels),
+        encoder = self.encoder()
+        config = DLFAConfig(encoder=encoder.config, id2label=dict(enumerate(self.task.labels)),
                             fuse_layer=self.settings.fuse_layer if fuse else None, encoder_name=self.settings.model)
-        return DLFAModel(config, self.encoder()).to(self.settings.torch_device).train()
+        return DLFAForTokenClassification(config, encoder=encoder).to(self.settings.torch_device).train()
 
     def train_batches(self) -> None:
         """The timed batches of sections a, b, e, and full-epoch padding figures."""
@@ -616,7 +617,7 @@ def memory_child(spec_text: str) -> int:
     """Subprocess body of section d: load one variant, train, print the peaks as one JSON line."""
     from safetensors.torch import load_file
 
-    from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, load_encoder
+    from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAForTokenClassification, load_encoder
 
     spec = json.loads(spec_text)
     s = Settings(**{**spec["settings"], "sections": tuple(spec["settings"]["sections"])})
@@ -624,8 +625,9 @@ def memory_child(spec_text: str) -> int:
     device = s.torch_device
     before = _status_mib("VmRSS")
     torch.manual_seed(s.seed)
-    config = DLFAConfig(head="token", num_labels=17, fuse_layer=s.fuse_layer if spec["fuse"] else None)
-    model = DLFAModel(config, load_encoder(spec["model_path"])).to(device).train()
+    encoder = load_encoder(spec["model_path"])
+    config = DLFAConfig(encoder=encoder.config, num_labels=17, fuse_layer=s.fuse_layer if spec["fuse"] else None)
+    model = DLFAForTokenClassification(config, encoder=encoder).to(device).train()
     if spec["freeze_embeddings"]:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
     loaded = _status_mib("VmRSS")
@@ -674,14 +676,15 @@ def bench_mfu(ctx: Context) -> dict[str, Any]:
     """Section e: MFU of an mBERT-size encoder (random init) trained with dynamic vs fixed-128 padding."""
     from transformers import BertConfig, BertModel
 
-    from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+    from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAForTokenClassification
 
     s = ctx.settings
     shape = MBERT if s.mfu_size == "mbert" else TINY_BERT
     config = BertConfig(**shape, max_position_embeddings=512, type_vocab_size=2, pad_token_id=1)
     torch.manual_seed(s.seed)
-    dlfa_config = DLFAConfig(head="token", num_labels=len(ctx.task.labels), fuse_layer=None)
-    model = DLFAModel(dlfa_config, BertModel(config, add_pooling_layer=False)).to(s.torch_device).train()
+    dlfa_config = DLFAConfig(encoder=config, num_labels=len(ctx.task.labels), fuse_layer=None)
+    model = DLFAForTokenClassification(dlfa_config, encoder=BertModel(config, add_pooling_layer=False))
+    model = model.to(s.torch_device).train()
     optimizer = optimizer_for(model)
     n_params = non_embedding_params(model)
 

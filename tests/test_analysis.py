@@ -24,7 +24,8 @@ from dlfa.analysis.similarity import (
 )
 from dlfa.cli.main import main
 from dlfa.errors import DlfaInputError
-from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+from dlfa.modeling import save_dlfa_model
+from dlfa.modeling.modeling_dlfa import DLFAForSequenceClassification, DLFAForTokenClassification
 
 # -- CKA and cosine ----------------------------------------------------------------------------------------------
 
@@ -158,10 +159,9 @@ def test_similarity_command_on_tiny_parallel_files(tiny_model_dir, tiny_xnli_dir
 def test_similarity_of_a_dlfa_model_has_a_fused_row(tiny_model_dir, tiny_xnli_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    model = DLFAModel.from_encoder(DLFAConfig(head="sequence", num_labels=3, fuse_layer=2), str(tiny_model_dir))
+    model = DLFAForSequenceClassification.from_encoder(str(tiny_model_dir), fuse_layer=2, id2label=["a", "b", "c"])
     saved = tmp_path / "run" / "best"
-    model.save_pretrained(saved)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(saved)
+    save_dlfa_model(model, saved, AutoTokenizer.from_pretrained(tiny_model_dir))
     out = tmp_path / "sim"
     assert main(["analyze", "similarity", "--model", str(tmp_path / "run"), "--data-dir", str(tiny_xnli_dir),
                  "--languages", "de", "--output", str(out)]) == 0
@@ -198,21 +198,21 @@ def test_parse_layer_range():
 
 
 def test_reinit_changes_only_the_chosen_blocks(tiny_model_dir):
-    model = DLFAModel.from_encoder(DLFAConfig(head="token", num_labels=3), str(tiny_model_dir))
+    model = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=["a", "b", "c"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     count = reinitialize_layers(model.encoder, [2, 3], seed=0)
     assert count > 0
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing was re-initialised"
-    assert all(k.startswith(("encoder.encoder.layer.1.", "encoder.encoder.layer.2.")) for k in changed), changed
+    assert all(k.startswith(("dlfa.encoder.encoder.layer.1.", "dlfa.encoder.encoder.layer.2.")) for k in changed), changed
     for block in (1, 2):  # 0-based indices of blocks 2 and 3
         for part in ("attention.self.query", "attention.self.key", "intermediate.dense", "output.dense"):
-            assert f"encoder.encoder.layer.{block}.{part}.weight" in changed
-    std = float(after["encoder.encoder.layer.1.attention.self.query.weight"].std())
+            assert f"dlfa.encoder.encoder.layer.{block}.{part}.weight" in changed
+    std = float(after["dlfa.encoder.encoder.layer.1.attention.self.query.weight"].std())
     assert std == pytest.approx(0.02, rel=0.2)  # BERT's initializer_range
     # Deterministic for a seed.
-    again = DLFAModel.from_encoder(DLFAConfig(head="token", num_labels=3), str(tiny_model_dir))
+    again = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=["a", "b", "c"])
     reinitialize_layers(again.encoder, [2, 3], seed=0)
     assert all(torch.equal(after[k], again.state_dict()[k]) for k in changed)
     with pytest.raises(DlfaInputError, match="block numbers must be in 1..4"):
@@ -249,7 +249,7 @@ def test_ablate_command_runs_both_arms_and_writes_the_table(tiny_model_dir, tiny
     key = next(k for k in pretrained if k.endswith("layer.0.attention.self.query.weight"))
     ablated_weights = load_file(str(out / "reinit-1-2" / "best" / "model.safetensors"))
     unablated_weights = load_file(str(out / "unablated" / "best" / "model.safetensors"))
-    name = "encoder.encoder.layer.0.attention.self.query.weight"
+    name = "dlfa.encoder.encoder.layer.0.attention.self.query.weight"
     drift_ablated = float((ablated_weights[name] - pretrained[key]).abs().max())
     drift_unablated = float((unablated_weights[name] - pretrained[key]).abs().max())
     assert drift_ablated > 10 * drift_unablated

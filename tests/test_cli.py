@@ -25,7 +25,8 @@ def test_train_and_evaluate_end_to_end(tiny_model_dir, tiny_udpos_dir, tmp_path,
     assert metrics["fuse_layer"] == 2 and metrics["seed"] == 7 and metrics["method"] == "dlfa"
     assert [h["step"] for h in metrics["selection"]["history"]] == [3, 6, 9]  # 12 sentences / 4 per batch
     assert metrics["selection"]["best_score"] == max(h["score"] for h in metrics["selection"]["history"])
-    for name in ("config.json", "train.log", "best/model.safetensors", "best/dlfa_config.json", "best/tokenizer.json"):
+    for name in ("config.json", "train.log", "best/model.safetensors", "best/config.json", "best/modeling_dlfa.py",
+                 "best/README.md", "best/tokenizer.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["fuse_layer"] == 2 and config["resolved"]["num_layers"] == 4

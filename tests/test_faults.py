@@ -27,7 +27,8 @@ import dlfa.modeling.embedded as emb
 from dlfa.data.cache import FeatureCache
 from dlfa.errors import DlfaInputError
 from dlfa.io import CHECKSUMS_NAME, write_checksums
-from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+from dlfa.modeling import load_dlfa_model, save_dlfa_model
+from dlfa.modeling.modeling_dlfa import DLFAForTokenClassification
 from dlfa.training.checkpoint import CHECKSUMS_FILE, FILES, load_checkpoint, save_checkpoint
 
 SAMPLED_POSITIONS = 60
@@ -59,7 +60,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def trained(tiny_model_dir: Path):
     """A tiny DLFA model after one optimizer step, with its optimizer and scheduler."""
     torch.manual_seed(0)
-    model = DLFAModel.from_encoder(DLFAConfig(num_labels=3, fuse_layer=1), str(tiny_model_dir))
+    model = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), fuse_layer=1, id2label=["a", "b", "c"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ids, mask = torch.tensor([[0, 5, 6, 2]]), torch.ones(1, 4, dtype=torch.long)
@@ -300,9 +301,21 @@ def test_rng_state_without_torch_cpu_is_a_clear_error(checkpoint: Path, trained)
 @pytest.fixture
 def saved(tiny_model_dir: Path, tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    model = DLFAModel.from_encoder(DLFAConfig(num_labels=5, fuse_layer=2), str(tiny_model_dir))
-    model.save_pretrained(tmp_path / "best")
+    model = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), fuse_layer=2, id2label=list("abcde"))
+    save_dlfa_model(model, tmp_path / "best")
     return tmp_path / "best"
+
+
+@pytest.fixture
+def saved_legacy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A best/ folder as dlfa 0.1 wrote it (dlfa_config.json + the encoder's config.json)."""
+    from dlfa01_modeling import DLFAConfig as LegacyConfig
+    from dlfa01_modeling import DLFAModel as LegacyModel
+
+    torch.manual_seed(0)
+    LegacyModel.from_encoder(LegacyConfig(num_labels=5, fuse_layer=2), str(tiny_model_dir)).save_pretrained(
+        tmp_path / "legacy")
+    return tmp_path / "legacy"
 
 
 @pytest.mark.parametrize("keep", [0, 7, 8, 100, 0.5])
@@ -311,11 +324,11 @@ def test_truncated_model_weights_are_a_clear_error(saved: Path, keep: float) -> 
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
     with pytest.raises(DlfaInputError, match="model.safetensors"):
-        DLFAModel.from_pretrained(saved)
+        load_dlfa_model(saved)
 
 
 def test_model_header_damage_is_an_error_or_harmless(saved: Path) -> None:
-    reference = _state(DLFAModel.from_pretrained(saved))
+    reference = _state(load_dlfa_model(saved))
     path = saved / "model.safetensors"
     original = path.read_bytes()
     rng = random.Random(0)
@@ -324,26 +337,31 @@ def test_model_header_damage_is_an_error_or_harmless(saved: Path) -> None:
         path.write_bytes(original)
         _flip(path, position, rng.randrange(8))
         try:
-            loaded = DLFAModel.from_pretrained(saved)
+            loaded = load_dlfa_model(saved)
         except DlfaInputError:
             continue
         assert _same(_state(loaded), reference), f"flipped header byte {position} changed the loaded weights"
 
 
-@pytest.mark.parametrize("name,damage", [
-    *((name, damage) for name in ("dlfa_config.json", "config.json")
-      for damage in ("truncated", "garbage", "empty", "not an object")),
-    ("dlfa_config.json", "bad value"),
-    ("config.json", "no model type"),
+DAMAGES = ("truncated", "garbage", "empty", "not an object")
+
+
+@pytest.mark.parametrize("folder,name,damage", [
+    *(("saved", "config.json", damage) for damage in (*DAMAGES, "bad value", "no model type", "bad encoder")),
+    *(("saved_legacy", name, damage) for name in ("dlfa_config.json", "config.json") for damage in DAMAGES),
+    ("saved_legacy", "dlfa_config.json", "bad value"),
+    ("saved_legacy", "config.json", "no model type"),
 ])
-def test_damaged_model_config_is_a_clear_error(saved: Path, name: str, damage: str) -> None:
+def test_damaged_model_config_is_a_clear_error(request, folder: str, name: str, damage: str) -> None:
+    saved = request.getfixturevalue(folder)
     path = saved / name
     text = path.read_text()
     path.write_text({"truncated": text[: len(text) // 2], "garbage": "\x00\x01 not json", "empty": "",
                      "not an object": "[1, 2]", "no model type": "{}",
-                     "bad value": text.replace('"layernorm"', '"batchnorm"')}[damage])
+                     "bad value": text.replace('"layernorm"', '"batchnorm"'),
+                     "bad encoder": text.replace('"model_type": "bert"', '"model_type": "no-such-model"')}[damage])
     with pytest.raises(DlfaInputError, match=name.replace(".", r"\.")) as info:
-        DLFAModel.from_pretrained(saved)
+        load_dlfa_model(saved)
     assert info.value.path == str(path) and "\n" not in str(info.value)
 
 
@@ -351,7 +369,7 @@ def test_model_weight_bit_flip_is_detected(saved: Path) -> None:
     path = saved / "model.safetensors"
     _flip(path, _header_length(path) + (path.stat().st_size - _header_length(path)) // 2, 6)
     with pytest.raises(DlfaInputError, match="model.safetensors.*sha256") as info:
-        DLFAModel.from_pretrained(saved)
+        load_dlfa_model(saved)
     assert info.value.path == str(path)
 
 
@@ -365,18 +383,18 @@ def test_model_checksum_is_recorded_last_and_matches(saved: Path) -> None:
 
 def test_model_without_a_checksum_still_loads(saved: Path) -> None:
     """Folders saved before checksums existed (or by other tools) load unverified."""
-    reference = _state(DLFAModel.from_pretrained(saved))
+    reference = _state(load_dlfa_model(saved))
     (saved / CHECKSUMS_NAME).unlink()
-    assert _same(_state(DLFAModel.from_pretrained(saved)), reference)
+    assert _same(_state(load_dlfa_model(saved)), reference)
 
 
 def test_model_checksum_without_the_weights_entry_still_loads(saved: Path) -> None:
-    reference = _state(DLFAModel.from_pretrained(saved))
+    reference = _state(load_dlfa_model(saved))
     path = saved / CHECKSUMS_NAME
     data = json.loads(path.read_text())
     data["sha256"] = {}
     path.write_text(json.dumps(data))
-    assert _same(_state(DLFAModel.from_pretrained(saved)), reference)
+    assert _same(_state(load_dlfa_model(saved)), reference)
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "not ours", "bad digest"])
@@ -388,7 +406,7 @@ def test_damaged_model_checksums_are_a_clear_error(saved: Path, damage: str) -> 
     path.write_text({"empty": "", "garbage": "\x00 not json", "truncated": text[: len(text) // 2],
                      "not ours": json.dumps({"model.safetensors": "0" * 64}), "bad digest": json.dumps(data)}[damage])
     with pytest.raises(DlfaInputError, match=CHECKSUMS_NAME.replace(".", r"\.")) as info:
-        DLFAModel.from_pretrained(saved)
+        load_dlfa_model(saved)
     assert info.value.path == str(path) and "\n" not in str(info.value)
 
 

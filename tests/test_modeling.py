@@ -1,14 +1,29 @@
-"""AIF gate and DLFA fusion: hand-computed values, padding invariance, gradients, baseline, persistence."""
+"""AIF gate and DLFA fusion: hand-computed values, padding invariance, gradients, baseline, persistence, and the
+transformers classes' configuration, initialization and strict loading."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from dlfa.errors import DlfaInputError
-from dlfa.modeling.modeling_dlfa import AIFGate, DLFAConfig, DLFAFusion, DLFAModel, load_encoder
+from dlfa.modeling import load_dlfa_model
+from dlfa.modeling.modeling_dlfa import (
+    BASELINE_GATE_BIAS,
+    HEAD_CLASSES,
+    AIFGate,
+    DLFAConfig,
+    DLFAConfigError,
+    DLFAForSequenceClassification,
+    DLFAForTokenClassification,
+    DLFAFusion,
+    DLFAPreTrainedModel,
+    DLFAWeightsError,
+    load_encoder,
+)
 
 
 def _identity_bottlenecks(module: AIFGate) -> None:
@@ -63,10 +78,10 @@ def tiny_encoder(tiny_model_dir):
     return load_encoder(str(tiny_model_dir))
 
 
-def _model(tiny_model_dir, fuse_layer, head="token", num_labels=5) -> DLFAModel:
+def _model(tiny_model_dir, fuse_layer, head="token", num_labels=5, **settings) -> DLFAPreTrainedModel:
     torch.manual_seed(1)
-    config = DLFAConfig(head=head, num_labels=num_labels, fuse_layer=fuse_layer)
-    return DLFAModel.from_encoder(config, str(tiny_model_dir)).eval()
+    return HEAD_CLASSES[head].from_encoder(str(tiny_model_dir), fuse_layer=fuse_layer,
+                                           id2label=[f"L{i}" for i in range(num_labels)], **settings).eval()
 
 
 @pytest.mark.parametrize("head", ["token", "sequence"])
@@ -131,12 +146,19 @@ def test_dlfa_differs_from_baseline(tiny_model_dir):
     assert not torch.allclose(base, fused)
 
 
-@pytest.mark.parametrize("head,fuse_layer", [("token", 3), ("sequence", None), ("sequence", 1)])
-def test_save_load_round_trip_is_identical(tiny_model_dir, tmp_path, head, fuse_layer):
-    model = _model(tiny_model_dir, fuse_layer=fuse_layer, head=head)
+@pytest.mark.parametrize("head,fuse_layer,settings", [
+    ("token", 3, {}), ("sequence", None, {}), ("sequence", 1, {}),
+    ("token", 2, {"aif_norm_placement": "mscam", "gate_init": "baseline", "reduction": 2}),
+])
+def test_save_load_round_trip_is_identical(tiny_model_dir, tmp_path, head, fuse_layer, settings):
+    model = _model(tiny_model_dir, fuse_layer=fuse_layer, head=head, **settings)
     model.save_pretrained(tmp_path / "saved")
-    loaded = DLFAModel.from_pretrained(tmp_path / "saved").eval()
-    assert loaded.config == model.config
+    loaded = type(model).from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config.to_diff_dict() == model.config.to_diff_dict()
+    assert loaded.config.fuse_layer == fuse_layer and loaded.config.id2label == model.config.id2label
+    for name, value in settings.items():
+        assert getattr(loaded.config, name) == value
+    assert loaded.state_dict().keys() == model.state_dict().keys()
     ids = torch.tensor([[0, 10, 11, 12, 2], [0, 13, 2, 1, 1]])
     mask = (ids != 1).long()
     with torch.no_grad():
@@ -149,13 +171,16 @@ def test_truncated_weights_are_rejected(tiny_model_dir, tmp_path):
     weights = tmp_path / "saved" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(DlfaInputError, match="model.safetensors"):
-        DLFAModel.from_pretrained(tmp_path / "saved")
+        load_dlfa_model(tmp_path / "saved")
+    with pytest.raises(Exception):  # noqa: B017 - transformers' own error type; dlfa's loader names the file
+        DLFAForTokenClassification.from_pretrained(tmp_path / "saved")
 
 
-@pytest.mark.parametrize("bad", [0, 4, -1, 12])
+@pytest.mark.parametrize("bad", [0, 4, -1, 12, 2.0, True])
 def test_invalid_fuse_layer(tiny_model_dir, bad):
-    with pytest.raises(DlfaInputError, match=r"1\.\.3"):
+    with pytest.raises(DLFAConfigError, match=r"1\.\.3") as info:
         _model(tiny_model_dir, fuse_layer=bad)
+    assert info.value.field == "fuse_layer" and isinstance(info.value, ValueError)
 
 
 def test_loss_ignores_unlabelled_positions(tiny_model_dir):
@@ -165,3 +190,211 @@ def test_loss_ignores_unlabelled_positions(tiny_model_dir):
     out = model(ids, mask, labels=torch.tensor([[-100, 3, -100, -100]]))
     expected = torch.nn.functional.cross_entropy(out.logits[0, 1:2], torch.tensor([3]))
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_sequence_loss_is_float32_cross_entropy_over_the_batch(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=1, head="sequence", num_labels=3)
+    ids = torch.tensor([[0, 10, 11, 2], [0, 12, 2, 1]])
+    mask = (ids != 1).long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, mask, labels=torch.tensor([2, 0]))
+    assert out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits.float(), torch.tensor([2, 0]))
+    torch.testing.assert_close(out.loss, expected)
+    assert out.features.shape == (2, 4, 32) and out[0] is out.loss  # indexable, as Trainer reads it
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [
+    ("reduction", 0), ("reduction", 33), ("reduction", 2.5), ("aif_norm", "batchnorm"),
+    ("aif_norm_placement", "after"), ("gate_init", "zeros"), ("classifier_dropout", 1.0),
+    ("classifier_dropout", float("nan")), ("initializer_range", 0.0), ("fuse_layer", 4), ("encoder_name", 3),
+])
+def test_config_refuses_bad_values(tiny_encoder, field, value):
+    with pytest.raises(DLFAConfigError) as info:
+        DLFAConfig(encoder=tiny_encoder.config, **{"fuse_layer": 2, field: value})
+    assert info.value.field == field and field in str(info.value)
+
+
+def test_config_refuses_a_norm_placement_without_a_norm(tiny_encoder):
+    with pytest.raises(DLFAConfigError, match="aif_norm_placement"):
+        DLFAConfig(encoder=tiny_encoder.config, fuse_layer=2, aif_norm="none", aif_norm_placement="mscam")
+    DLFAConfig(encoder=tiny_encoder.config, fuse_layer=2, aif_norm="none")  # the default placement is fine
+
+
+def test_config_json_round_trip_rebuilds_the_encoder_config(tiny_encoder, tmp_path):
+    config = DLFAConfig(encoder=tiny_encoder.config, fuse_layer=2, reduction=8, gate_init="baseline",
+                        id2label={0: "NOUN", 1: "VERB"}, encoder_name="tiny")
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["model_type"] == "dlfa" and isinstance(data["encoder"], dict)
+    assert data["encoder"]["model_type"] == "bert" and data["encoder"]["num_hidden_layers"] == 4
+    again = DLFAConfig.from_pretrained(tmp_path)
+    assert type(again.encoder).__name__ == "BertConfig" and again.encoder.hidden_size == 32
+    assert (again.fuse_layer, again.reduction, again.gate_init, again.aif_norm_placement) == (2, 8, "baseline",
+                                                                                              "bottleneck")
+    assert again.id2label == {0: "NOUN", 1: "VERB"} and again.label2id == {"NOUN": 0, "VERB": 1}
+    assert again.num_labels == 2 and again.encoder_name == "tiny"
+    assert DLFAConfig().encoder is None  # transformers builds configs without arguments
+    with pytest.raises(DLFAConfigError, match="encoder"):
+        DLFAConfig(encoder={"hidden_size": 8})
+
+
+# -- initialization -----------------------------------------------------------------------------------------------
+
+
+def test_from_encoder_keeps_the_pretrained_encoder_weights(tiny_model_dir):
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(tiny_model_dir, add_pooling_layer=False).state_dict()
+    for fuse_layer in (None, 2):
+        model = _model(tiny_model_dir, fuse_layer=fuse_layer)
+        encoder = model.encoder.state_dict()
+        assert encoder.keys() == reference.keys()
+        assert all(torch.equal(encoder[k], reference[k]) for k in reference)
+
+
+def _gate_values(model, ids):
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hidden = model.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        return model.fusion.gate((hidden[-1] + hidden[model.config.fuse_layer]) / 2, mask)
+
+
+def test_new_modules_are_initialised_as_documented(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=2, reduction=1)
+    linears = [m for m in [*model.fusion.modules(), model.classifier] if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.1)  # N(0, initializer_range)
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears)
+    norms = [m for m in model.fusion.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
+    gate = _gate_values(model, torch.tensor([[0, 10, 11, 12, 2]]))
+    assert (gate - 0.5).abs().max() < 0.1  # gate_init="average": the plain average of the two layers
+
+
+@pytest.mark.parametrize("placement", ["bottleneck", "mscam"])
+def test_gate_init_baseline_starts_near_the_baseline(tiny_model_dir, placement):
+    model = _model(tiny_model_dir, fuse_layer=2, gate_init="baseline", aif_norm_placement=placement)
+    for branch in (model.fusion.gate.local_branch, model.fusion.gate.global_branch):
+        last = branch.out_norm if placement == "mscam" else branch.up
+        assert torch.all(last.bias == BASELINE_GATE_BIAS / 2)
+        if placement == "mscam":  # the linear bias before the final LayerNorm would be normalised away
+            assert torch.count_nonzero(branch.up.bias) == 0
+    gate = _gate_values(model, torch.tensor([[0, 10, 11, 12, 2], [0, 13, 14, 15, 2]]))
+    centre = 1 / (1 + math.exp(-BASELINE_GATE_BIAS))
+    if placement == "bottleneck":
+        assert abs(gate.mean().item() - centre) < 0.02 and gate.min().item() > 0.9
+    else:  # the final LayerNorm spreads the pre-activation (std about sqrt(2)) around the bias
+        assert abs(gate.mean().item() - centre) < 0.06 and gate.median().item() > 0.9
+
+
+def test_mscam_placement_normalises_after_both_linear_layers():
+    torch.manual_seed(0)
+    gate = AIFGate(hidden_size=8, reduction=2, norm="layernorm", placement="mscam")
+    w = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    def layer_norm(h, norm):
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return h * norm.weight + norm.bias
+
+    def bottleneck(branch, x):
+        h = torch.clamp(layer_norm(x @ branch.down.weight.T + branch.down.bias, branch.norm), min=0)
+        return layer_norm(h @ branch.up.weight.T + branch.up.bias, branch.out_norm)
+
+    pooled = torch.stack([w[0, :3].mean(0), w[1].mean(0)])
+    expected = torch.sigmoid(bottleneck(gate.local_branch, w) + bottleneck(gate.global_branch, pooled)[:, None])
+    torch.testing.assert_close(gate(w, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+# -- strict loading -----------------------------------------------------------------------------------------------
+
+
+def _rewrite_weights(folder, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t.pop("dlfa.fusion.gate.local_branch.up.bias"), "missing dlfa.fusion.gate.local_branch.up.bias"),
+    (lambda t: t.__setitem__("dlfa.extra.weight", torch.zeros(2)), "unexpected dlfa.extra.weight"),
+    (lambda t: t.__setitem__("classifier.weight", torch.zeros(3, 32)), "of another shape classifier.weight"),
+])
+def test_a_load_that_misses_weights_is_an_error(tiny_model_dir, tmp_path, damage, message):
+    _model(tiny_model_dir, fuse_layer=2).save_pretrained(tmp_path)
+    _rewrite_weights(tmp_path, damage)
+    with pytest.raises(DLFAWeightsError, match=message):
+        DLFAForTokenClassification.from_pretrained(tmp_path)
+    with pytest.raises(DlfaInputError, match="model.safetensors: weights do not match the model") as info:
+        load_dlfa_model(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_head_of_the_other_kind_is_an_error(tiny_model_dir, tmp_path):
+    _model(tiny_model_dir, fuse_layer=2, head="token").save_pretrained(tmp_path)
+    with pytest.raises(DLFAWeightsError, match="missing classifier"):
+        DLFAForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_encoder_pooler_weights_are_accepted(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import BertModel
+
+    # An encoder checkpoint with a pooler (what a plain AutoModel/BertModel saves) builds a DLFA model...
+    torch.manual_seed(0)
+    BertModel(load_encoder(str(tiny_model_dir)).config).save_pretrained(tmp_path / "with-pooler")
+    model = DLFAForTokenClassification.from_encoder(str(tmp_path / "with-pooler"), fuse_layer=1, id2label=["a", "b"])
+    assert not any("pooler" in name for name in model.state_dict())
+    # ...and a DLFA checkpoint that carries pooler weights loads, the pooler ignored.
+    model.save_pretrained(tmp_path / "dlfa")
+    _rewrite_weights(tmp_path / "dlfa", lambda t: t.update({"dlfa.encoder.pooler.dense.weight": torch.zeros(32, 32),
+                                                            "dlfa.encoder.pooler.dense.bias": torch.zeros(32)}))
+    again = DLFAForTokenClassification.from_pretrained(tmp_path / "dlfa")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_load_from_safetensors_only(tiny_model_dir, tmp_path):
+    model = _model(tiny_model_dir, fuse_layer=2)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="safetensors only"):
+        DLFAForTokenClassification.from_pretrained(tmp_path, use_safetensors=False)
+    (tmp_path / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    torch.save({}, tmp_path / "pytorch_model.bin")  # a pickle beside the config is never read
+    with pytest.raises(OSError):
+        DLFAForTokenClassification.from_pretrained(tmp_path)
+
+
+def test_encoder_export_is_one_call(tiny_model_dir, tmp_path):
+    from transformers import AutoModel
+
+    model = _model(tiny_model_dir, fuse_layer=2)
+    with torch.no_grad():
+        model.encoder.embeddings.word_embeddings.weight.add_(1.0)  # as after fine-tuning
+    model.save_encoder(tmp_path)
+    encoder = AutoModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert type(encoder).__name__ == "BertModel"
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in model.encoder.state_dict().items())
+
+
+def test_activation_checkpointing_reaches_the_encoder_and_keeps_the_gradients(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=2).train()
+    ids, labels = torch.tensor([[0, 10, 11, 12, 2]]), torch.tensor([[-100, 1, 2, 0, -100]])
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks (checkpointing replays the RNG state)
+        model(ids, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in model.encoder.encoder.layer)
+    checkpointed = gradients()
+    assert all(torch.allclose(checkpointed[n], plain[n], atol=1e-6) for n in plain)

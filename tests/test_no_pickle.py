@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from dlfa.data.cache import FeatureCache
-from dlfa.modeling.modeling_dlfa import DLFAModel
+from dlfa.modeling import load_dlfa_model
 from dlfa.training.config import TrainConfig
 from dlfa.training.recipe import FinetuneRecipe
 
@@ -206,7 +206,7 @@ def test_train_resume_and_reload_without_pickle(no_pickle: list[str], tiny_model
     assert second.feature_cache.hits >= 2  # train and dev features came from the cache
     assert result["languages"]["de"]["words"] > 0
 
-    model = DLFAModel.from_pretrained(out / "best")
+    model = load_dlfa_model(out / "best")
     assert model.config.fuse_layer == 2
 
     # The feature cache on its own: an entry is read back (not rebuilt) without pickle.

@@ -74,10 +74,10 @@ def test_resume_refuses_another_configuration(tiny_model_dir, tiny_udpos_dir, tm
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
-    from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+    from dlfa.modeling.modeling_dlfa import DLFAForTokenClassification
     from dlfa.training.checkpoint import save_checkpoint
 
-    model = DLFAModel.from_encoder(DLFAConfig(num_labels=3, fuse_layer=1), str(tiny_model_dir))
+    model = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), fuse_layer=1, id2label=["a", "b", "c"])
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model(torch.tensor([[0, 5, 2]]), torch.ones(1, 3, dtype=torch.long), labels=torch.tensor([[0, 1, 2]])).loss.backward()

@@ -18,7 +18,8 @@ from dlfa.data.parallel import (
     read_translate_train,
 )
 from dlfa.errors import DlfaInputError
-from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
+from dlfa.modeling import load_dlfa_model
+from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAForSequenceClassification, DLFAForTokenClassification
 from dlfa.modeling.modeling_xmixup import (
     CrossAttentionMixer,
     XMixupConfig,
@@ -212,7 +213,7 @@ def test_tagging_without_target_labels_uses_the_source_loss_only():
 @pytest.fixture
 def tiny_xmixup(tiny_model_dir):
     torch.manual_seed(0)
-    model = DLFAModel.from_encoder(DLFAConfig(head="sequence", num_labels=3, fuse_layer=2), str(tiny_model_dir))
+    model = DLFAForSequenceClassification.from_encoder(str(tiny_model_dir), fuse_layer=2, id2label=["a", "b", "c"])
     return XMixupModel(model, XMixupConfig(layers=[1, 2]))
 
 
@@ -241,8 +242,9 @@ def test_gradients_reach_encoder_mixer_and_lambda(tiny_xmixup):
     losses = xmixup_objective(out, batch["labels"], batch["src_labels"], "sequence", alpha=0.4)
     losses.total.backward()
     named = dict(tiny_xmixup.named_parameters())
-    for name in ("model.encoder.embeddings.word_embeddings.weight", "model.encoder.encoder.layer.0.output.dense.weight",
-                 "model.fusion.gate.local_branch.down.weight", "model.head.classifier.weight",
+    for name in ("model.dlfa.encoder.embeddings.word_embeddings.weight",
+                 "model.dlfa.encoder.encoder.layer.0.output.dense.weight",
+                 "model.dlfa.fusion.gate.local_branch.down.weight", "model.classifier.out_proj.weight",
                  "mixers.1.query.weight", "mixers.1.key.weight", "mixers.1.value.weight", "mixers.1.output.weight",
                  "mixers.1.entropy_dense.weight", "mixers.1.entropy_dense.bias", "mixers.2.entropy_dense.weight"):
         grad = named[name].grad
@@ -277,7 +279,8 @@ def test_other_encoders(kind):
     else:
         encoder = XLMRobertaModel(XLMRobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3,
                                                    num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
-    model = XMixupModel(DLFAModel(DLFAConfig(head="sequence", num_labels=3, fuse_layer=1), encoder),
+    model = XMixupModel(DLFAForSequenceClassification(DLFAConfig(encoder=encoder.config, num_labels=3, fuse_layer=1),
+                                                      encoder=encoder),
                         XMixupConfig(layers=[1, 3])).eval()
     assert model.xmixup_config.init == {"1": "query/key of block 2", "3": "query/key of block 3"}
     ids, src = torch.randint(3, 50, (2, 6)), torch.randint(3, 50, (2, 8))
@@ -313,7 +316,7 @@ def test_save_and_load_round_trip(tiny_xmixup, tmp_path):
     for name, tensor in tiny_xmixup.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
     assert again.xmixup_config.init == tiny_xmixup.xmixup_config.init
-    plain = DLFAModel.from_pretrained(tmp_path / "m")  # the recipe's evaluation reads the folder as before
+    plain = load_dlfa_model(tmp_path / "m")  # the recipe's evaluation reads the folder as before
     assert plain.config.fuse_layer == 2
 
     # Inference with a source translation: the pair is mixed and the two logits averaged.
@@ -555,6 +558,10 @@ def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir,
     assert metrics["method"] == "xmixup" and metrics["fuse_layer"] == 2 and metrics["xmixup"]["layers"] == [1, 2]
     model = XMixupModel.from_pretrained(reference / "best")
     assert model.model.fusion is not None and set(model.mixers) == {"1", "2"}
+    plain = load_dlfa_model(reference / "best")  # best/ of an X-Mixup run is a DLFA model folder too
+    assert type(plain).__name__ == "DLFAForSequenceClassification" and plain.config.fuse_layer == 2
+    card = (reference / "best" / "README.md").read_text()
+    assert "X-Mixup + DLFA D_2" in card and "mixing blocks [1, 2]" in card and "xmixup.safetensors" in card
 
     # Interrupt right after the second checkpoint (step 4 of 10), then resume.
     original, calls = XMixupRecipe._checkpoint, []
@@ -660,8 +667,8 @@ def test_tagging_pair_features_and_no_target_task_term_without_target_tags(tiny_
                                           if f["word_indices"][:1] == [0]]
 
     torch.manual_seed(0)
-    model = XMixupModel(DLFAModel.from_encoder(DLFAConfig(head="token", num_labels=len(task.labels)),
-                                               str(tiny_model_dir)), XMixupConfig(layers=[4]))
+    model = XMixupModel(DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=list(task.labels)),
+                        XMixupConfig(layers=[4]))
     collator = ParallelCollator(tiny_tokenizer, "token")
 
     def loss_and_grad(feats):

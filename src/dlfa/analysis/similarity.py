@@ -170,7 +170,7 @@ def read_parallel(
 class AnalysisModel:
     """What the analysis needs of a model: a tokenizer and a function giving all hidden states (and fused)."""
 
-    model: Any  # a DLFAModel (a plain encoder is wrapped as a baseline DLFAModel)
+    model: Any  # a DLFA model (a plain encoder is wrapped as a baseline DLFAModel, the encoder alone)
     tokenizer: Any
     num_layers: int
     fuse_layer: int | None
@@ -181,18 +181,19 @@ def load_analysis_model(model_or_run: str, device: str | torch.device = "cpu") -
     """A run folder (its best/ model), a saved DLFA model folder, or a pretrained encoder name/folder."""
     from transformers import AutoTokenizer
 
-    from dlfa.modeling.modeling_dlfa import DLFA_CONFIG_NAME, DLFAConfig, DLFAModel, load_encoder
+    from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, DLFAWeightsError, load_encoder
+    from dlfa.modeling.storage import is_model_folder, load_dlfa_model
 
     path = Path(model_or_run)
     folder = None
-    if (path / DLFA_CONFIG_NAME).is_file():
+    if is_model_folder(path):
         folder, description = path, f"DLFA model {path}"
-    elif (path / "best" / DLFA_CONFIG_NAME).is_file():
+    elif is_model_folder(path / "best"):
         folder, description = path / "best", f"run {path} (best/ model)"
     elif (path / "metrics.json").is_file() or (path / "train.log").is_file():
         raise DlfaInputError("run folder has no saved model (best/ missing)", path=path)
     if folder is not None:
-        model = DLFAModel.from_pretrained(folder, device=device)
+        model = load_dlfa_model(folder, device=device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         from dlfa.training.recipe import resolve_model
@@ -201,10 +202,10 @@ def load_analysis_model(model_or_run: str, device: str | torch.device = "cpu") -
         try:
             encoder = load_encoder(resolved)
             tokenizer = AutoTokenizer.from_pretrained(resolved)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, DLFAWeightsError) as exc:
             raise DlfaInputError(f"cannot load model {model_or_run!r}: {str(exc).splitlines()[0]}",
                                  option="--model") from None
-        model = DLFAModel(DLFAConfig(head="token", num_labels=2, encoder_name=model_or_run), encoder).to(device)
+        model = DLFAModel(DLFAConfig(encoder=encoder.config, encoder_name=model_or_run), encoder=encoder).to(device)
         description = f"pretrained encoder {model_or_run}"
     model.eval()
     return AnalysisModel(model, tokenizer, model.num_layers, model.config.fuse_layer, description)

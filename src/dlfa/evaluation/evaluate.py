@@ -9,13 +9,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dlfa.data.batching import Collator, sorted_batches
-from dlfa.modeling.modeling_dlfa import DLFAModel
 from dlfa.tasks.base import Task
 
 
 @torch.no_grad()
 def predict(
-    model: DLFAModel,
+    model: torch.nn.Module,
     features: Sequence[dict],
     collator: Collator,
     batch_size: int,
@@ -27,7 +26,7 @@ def predict(
     """Per-feature predictions in the original feature order.
 
     Token heads give, per feature, the predicted label ids at its labelled positions; sequence heads give
-    one label id per feature.
+    one label id per feature. ``model`` is a DLFA model (or X-Mixup around one): its ``head_type`` says which.
     """
     was_training = model.training
     model.eval()
@@ -41,7 +40,7 @@ def predict(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(**batch).logits
         predicted = logits.argmax(dim=-1).cpu()
-        if model.config.head == "token":
+        if model.head_type == "token":
             assert labels is not None, "token features carry labels that mark the scored positions"
             for row, index in enumerate(indices):
                 results[index] = predicted[row][labels[row] != -100].tolist()
@@ -54,7 +53,7 @@ def predict(
 
 def evaluate_examples(
     task: Task,
-    model: DLFAModel,
+    model: torch.nn.Module,
     examples: Sequence,
     features: Sequence[dict],
     collator: Collator,

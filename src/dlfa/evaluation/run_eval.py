@@ -1,4 +1,8 @@
-"""``dlfa evaluate``: score a finished run's selected model on (other) target languages."""
+"""``dlfa evaluate``: score a finished run's selected model on (other) target languages.
+
+Reads model folders of every dlfa version: Hugging Face folders (config.json of model_type dlfa) and dlfa 0.1
+folders (dlfa_config.json), see ``dlfa.modeling.storage``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dlfa.data.batching import Collator
 from dlfa.errors import DlfaInputError
 from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.io import check_new_output, write_json_atomic
-from dlfa.modeling.modeling_dlfa import DLFA_CONFIG_NAME, DLFAModel
+from dlfa.modeling.storage import is_model_folder, load_dlfa_model
 from dlfa.reporting.prune import check_weights_present
 from dlfa.tasks import get_task
 
@@ -34,7 +38,7 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     run = Path(config.run)
     if not run.is_dir():
         raise DlfaInputError(f"folder not found: {run}", option="--run")
-    if (run / DLFA_CONFIG_NAME).is_file():  # given the model folder itself
+    if is_model_folder(run):  # given the model folder itself (a run folder's config.json is not one)
         model_dir, run = run, run.parent
     else:
         model_dir = run / "best"
@@ -56,7 +60,7 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
                 for lang in langs}
     batch_size = config.batch_size
 
-    model = DLFAModel.from_pretrained(model_dir)
+    model = load_dlfa_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     collator = Collator(tokenizer, task.head)
     per_language = {}

@@ -1,4 +1,4 @@
-"""X-Mixup (Yang et al., ICLR 2022, "Enhancing Cross-lingual Transfer by Manifold Mixup") around a DLFAModel.
+"""X-Mixup (Yang et al., ICLR 2022, "Enhancing Cross-lingual Transfer by Manifold Mixup") around a DLFA model.
 
 During training a parallel pair (English source, its translation as target) goes through the same encoder twice.
 The source pass runs as usual and its output at the mixing blocks is kept. In the target pass the output of each
@@ -10,8 +10,9 @@ mixing block ``l`` is replaced by a mix with the source::
     h_l'   = lambda * attended-source + (1 - lambda) * h_l
 
 and the target pass continues from ``h_l'``. The task head, and a DLFA fusion when ``fuse_layer`` is set, read the
-final layers exactly as in :class:`DLFAModel`; with ``fuse_layer`` at or above a mixing block the fusion reads the
-mixed states. Inference is on the target alone (the wrapped DLFAModel, no mixing), or with a source translation:
+final layers exactly as in the wrapped DLFA model (``DLFAForTokenClassification`` or
+``DLFAForSequenceClassification``); with ``fuse_layer`` at or above a mixing block the fusion reads the
+mixed states. Inference is on the target alone (the wrapped DLFA model, no mixing), or with a source translation:
 then the pair is mixed and the source and target logits are averaged, as in the authors' ``mixup_inference``.
 
 How it hooks in: a forward hook on each mixing block of the encoder (BERT, XLM-R, e5, DistilBERT...: any
@@ -43,16 +44,18 @@ where it differs, deliberately:
   block 4. Several blocks mix in sequence, each with the source's output of the same block.
 * No attention dropout in the mixer (the authors reuse the block's attention dropout).
 
-Persistence: ``save_pretrained`` writes the wrapped DLFAModel's files (so ``DLFAModel.from_pretrained`` and the
-recipe's evaluation read the folder unchanged) plus ``xmixup_config.json`` and ``xmixup.safetensors`` with the
-mixers; :meth:`XMixupModel.from_pretrained` reads both back.
+Persistence: ``save_pretrained`` writes the wrapped DLFA model's Hugging Face folder (so ``load_dlfa_model``, the
+recipe's evaluation and plain transformers read the folder as the DLFA model it is) plus ``xmixup_config.json``
+and ``xmixup.safetensors`` with the mixers, and checksums.json over both weight files;
+:meth:`XMixupModel.from_pretrained` reads both back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,22 +65,29 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from dlfa.errors import DlfaInputError
-from dlfa.io import write_checksums
 from dlfa.modeling.modeling_dlfa import (
-    WEIGHTS_NAME,
-    DictConfig,
-    DLFAModel,
-    DLFAOutput,
+    DLFAPreTrainedModel,
     encoder_blocks,
     encoder_hidden_size,
     encoder_num_heads,
     encoder_num_layers,
-    verify_weights_checksum,
 )
 
 XMIXUP_CONFIG_NAME = "xmixup_config.json"
 XMIXUP_WEIGHTS_NAME = "xmixup.safetensors"
 NEG_INF = -1e9  # additive mask; finite so that fully masked rows (none occur in practice) stay NaN-free
+
+
+class DictConfig:
+    """JSON round trip for a config dataclass; unknown keys (from newer versions) are ignored on load."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -220,9 +230,10 @@ class XMixupOutput:
 
 
 class XMixupModel(nn.Module):
-    """A DLFAModel plus one cross-attention mixer per mixing block, hooked into the encoder."""
+    """A DLFA model (token or sequence head) plus one cross-attention mixer per mixing block, hooked into the
+    encoder."""
 
-    def __init__(self, model: DLFAModel, config: XMixupConfig, init_from_encoder: bool = True) -> None:
+    def __init__(self, model: DLFAPreTrainedModel, config: XMixupConfig, init_from_encoder: bool = True) -> None:
         super().__init__()
         self.model = model
         enc_cfg = model.encoder.config
@@ -259,8 +270,12 @@ class XMixupModel(nn.Module):
 
     @property
     def config(self):
-        """The wrapped model's config, so evaluation code treats this model as the DLFAModel it wraps."""
+        """The wrapped model's config, so evaluation code treats this model as the DLFA model it wraps."""
         return self.model.config
+
+    @property
+    def head_type(self) -> str:
+        return self.model.head_type
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -297,14 +312,15 @@ class XMixupModel(nn.Module):
         src_labels: torch.Tensor | None = None,
         mix: bool = True,
         output_hidden_states: bool = False,
-    ) -> DLFAOutput | XMixupOutput:
-        """Target alone (``src_input_ids`` absent): the wrapped DLFAModel. With a source: both passes.
+    ) -> Any:
+        """Target alone (``src_input_ids`` absent): the wrapped DLFA model's output. With a source: both passes.
 
         ``mix=False`` runs the target pass plain (the scheduled-sampling alternative); labels are not used here,
         the X-Mixup objective (``dlfa.training.xmixup``) reads them from the batch.
         """
         if src_input_ids is None:
-            return self.model(input_ids, attention_mask, token_type_ids, labels, output_hidden_states)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                              labels=labels, output_hidden_states=output_hidden_states)
         self._captured, self._stats = {}, {}
         try:
             source_features, source_logits = self._run("capture" if mix else None, src_input_ids,
@@ -316,7 +332,7 @@ class XMixupModel(nn.Module):
         finally:
             self._captured, self._masks, self._stats = {}, {}, {}
         # A tagging pair's tokens are not aligned (nor equally many), so its logits cannot be averaged.
-        logits = (source_logits + target_logits) / 2 if self.model.config.head == "sequence" else target_logits
+        logits = (source_logits + target_logits) / 2 if self.model.head_type == "sequence" else target_logits
         return XMixupOutput(
             logits=logits, source_logits=source_logits, target_logits=target_logits,
             source_features=source_features, target_features=target_features,
@@ -326,18 +342,22 @@ class XMixupModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """The DLFAModel's files (readable by ``DLFAModel.from_pretrained``) plus the mixers."""
+        """The DLFA model's Hugging Face folder (readable by ``load_dlfa_model``) plus the mixers, checksums last."""
+        from dlfa.modeling.storage import write_model_checksums
+
         folder = Path(folder)
         self.model.save_pretrained(folder)
         (folder / XMIXUP_CONFIG_NAME).write_text(json.dumps(self.xmixup_config.to_dict(), indent=2) + "\n",
                                                  encoding="utf-8")
         save_model(self.mixers, str(folder / XMIXUP_WEIGHTS_NAME))
-        write_checksums(folder, (WEIGHTS_NAME, XMIXUP_WEIGHTS_NAME))  # replaces the DLFA-only one, still last
+        write_model_checksums(folder)  # model.safetensors and xmixup.safetensors
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> XMixupModel:
+        from dlfa.modeling.storage import load_dlfa_model, verify_weights_checksum
+
         folder = Path(folder)
-        model = DLFAModel.from_pretrained(folder, device="cpu")
+        model = load_dlfa_model(folder, device="cpu")
         config_path, weights_path = folder / XMIXUP_CONFIG_NAME, folder / XMIXUP_WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():

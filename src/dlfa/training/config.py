@@ -125,6 +125,9 @@ class TrainOptions(Config):
     def check(self) -> None:
         check_languages(self.languages)
         check_languages([self.train_language], "--train-language")
+        if self.aif_norm == "none" and self.aif_norm_placement == "mscam":
+            raise DlfaInputError("mscam places a normalisation, so it needs --aif-norm layernorm",
+                                 option="--aif-norm-placement")
         if self.method != "xmixup":
             given = [name for name in XMIXUP_FIELDS if getattr(self, name) is not None]
             if given:

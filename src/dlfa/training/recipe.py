@@ -4,8 +4,9 @@ One class, built from a :class:`TrainConfig`, in three stages: ``setup`` (read a
 anything is written), ``train`` (accelerate loop with English-dev checkpoint selection) and ``evaluate``
 (zero-shot scores of the selected model). ``run`` does all three. The CLI only builds the config.
 
-A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/`` (the selected model and
-its tokenizer) and, written last, ``metrics.json``. Files are written atomically, so a folder never holds a
+A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/`` (the selected model: one
+Hugging Face model folder with its tokenizer, see ``dlfa.modeling.storage``; its model card ``README.md`` is
+written from ``metrics.json``) and ``metrics.json``, which marks a finished run. Files are written atomically, so a folder never holds a
 half-written file; a run whose ``metrics.json`` is missing did not finish.
 """
 
@@ -35,7 +36,14 @@ from dlfa.evaluation.evaluate import average, evaluate_examples
 from dlfa.evaluation.guard import check_honest_evaluation
 from dlfa.io import CHECKSUMS_NAME as CHECKPOINT_CHECKSUMS
 from dlfa.io import atomic_path, check_new_output, recover_folder, write_json_atomic
-from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel, encoder_num_layers
+from dlfa.modeling.modeling_dlfa import (
+    HEAD_CLASSES,
+    DLFAConfig,
+    DLFAConfigError,
+    DLFAWeightsError,
+    encoder_num_layers,
+)
+from dlfa.modeling.storage import config_input_error, load_dlfa_model, save_dlfa_model
 from dlfa.tasks import get_task
 from dlfa.training.checkpoint import load_checkpoint, save_checkpoint
 from dlfa.training.config import LOCATION_FIELDS, TrainConfig
@@ -118,6 +126,7 @@ class FinetuneRecipe:
         self.num_layers = encoder_num_layers(encoder_config)
         cfg.check_against_encoder(encoder_config)
         check_safetensors_weights(self.model_path)
+        self.model_settings = self._model_settings(task, encoder_config)
 
         self.tokenizer = load_tokenizer(self.model_path)
         train_examples, dev_examples = self._read_train_and_dev()
@@ -148,16 +157,7 @@ class FinetuneRecipe:
             len(dev_examples), ",".join(self.languages),
         )
 
-        dlfa_config = DLFAConfig(
-            head=task.head,
-            num_labels=len(task.labels),
-            labels=list(task.labels),
-            fuse_layer=cfg.fuse_layer,
-            reduction=cfg.reduction,
-            aif_norm=cfg.aif_norm,
-            encoder_name=cfg.model,
-        )
-        model = self._build_model(dlfa_config)
+        model = self._build_model(self.model_settings)
         optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
 
         self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
@@ -185,8 +185,31 @@ class FinetuneRecipe:
     def _train_collator(self):
         return self.collator
 
-    def _build_model(self, dlfa_config: DLFAConfig) -> torch.nn.Module:
-        model = load_pretrained(lambda: DLFAModel.from_encoder(dlfa_config, self.model_path), self.config.model)
+    def _model_settings(self, task, encoder_config) -> dict[str, Any]:
+        """The DLFA settings of this run (``from_encoder`` keyword arguments), checked against the encoder now,
+        before anything is written."""
+        cfg = self.config
+        settings = {
+            "fuse_layer": cfg.fuse_layer,
+            "reduction": cfg.reduction,
+            "aif_norm": cfg.aif_norm,
+            # getattr: TrainConfigs from before these two options existed
+            "aif_norm_placement": getattr(cfg, "aif_norm_placement", "bottleneck"),
+            "gate_init": getattr(cfg, "gate_init", "average"),
+            "id2label": list(task.labels),
+            "encoder_name": cfg.model,
+        }
+        labels = dict(enumerate(task.labels))
+        try:
+            DLFAConfig(encoder=encoder_config, **{**settings, "id2label": labels})
+        except DLFAConfigError as exc:
+            raise config_input_error(exc) from None
+        return settings
+
+    def _build_model(self, model_settings: dict[str, Any]) -> torch.nn.Module:
+        """A new DLFA model (the task's head) around the pretrained encoder."""
+        model = load_pretrained(lambda: HEAD_CLASSES[self.task.head].from_encoder(self.model_path, **model_settings),
+                                self.config.model)
         if self.config.freeze_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         return model
@@ -430,8 +453,7 @@ class FinetuneRecipe:
             if improved:
                 self.best = record
                 with atomic_path(self.output_dir / BEST_DIR, replace_folder=True) as tmp:
-                    model.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
+                    save_dlfa_model(model, tmp, self.tokenizer)
         accelerator.wait_for_everyone()
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -444,7 +466,7 @@ class FinetuneRecipe:
         accelerator = self.accelerator
         result: dict[str, Any] = {}
         if accelerator.is_main_process:
-            model = DLFAModel.from_pretrained(self.output_dir / BEST_DIR, device=accelerator.device)
+            model = load_dlfa_model(self.output_dir / BEST_DIR, device=accelerator.device)
             per_language = {}
             for lang in self.languages:
                 features = self._features(self.eval_examples[lang], lang, self.task.eval_split,
@@ -485,8 +507,18 @@ class FinetuneRecipe:
                 "train_seconds": self.train_seconds,
             }
             write_json_atomic(self.output_dir / METRICS_FILE, result)
+            self._write_model_card()
         accelerator.wait_for_everyone()
         return result
+
+    def _write_model_card(self) -> None:
+        """best/README.md from metrics.json; a run is finished without it, so a disk error only warns."""
+        from dlfa.modeling.card import write_model_card
+
+        try:
+            write_model_card(self.output_dir)
+        except OSError as exc:
+            logger.warning("could not write the model card %s: %s", self.output_dir / BEST_DIR / "README.md", exc)
 
     def finished_result(self) -> dict[str, Any] | None:
         """The metrics of an already finished run in the output folder (for resumable sweeps)."""
@@ -574,7 +606,7 @@ def load_pretrained(load, name: str):
         return load()
     except DlfaInputError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, DLFAWeightsError) as exc:
         message = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise DlfaInputError(f"cannot load the weights of {name!r} ({message})", option="--model") from None
 

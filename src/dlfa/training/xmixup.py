@@ -2,7 +2,7 @@
 
 ``XMixupRecipe`` is :class:`FinetuneRecipe` with three things replaced: the training data (parallel pairs:
 an English example and its translation, same label; for tagging, a tagged English sentence and its translation,
-tagged or not), the model (a :class:`XMixupModel` around the usual DLFAModel, so ``--fuse-layer`` composes)
+tagged or not), the model (a :class:`XMixupModel` around the usual DLFA model, so ``--fuse-layer`` composes)
 and the loss of a training batch. Checkpoint selection on English dev, the zero-shot evaluation of ``best/`` on
 the target languages, checkpoints and ``--resume`` are the recipe's own.
 
@@ -60,7 +60,7 @@ from dlfa.data.parallel import (
 from dlfa.errors import DlfaInputError
 from dlfa.evaluation.guard import check_honest_evaluation
 from dlfa.io import write_json_atomic
-from dlfa.modeling.modeling_dlfa import DLFAConfig, masked_mean
+from dlfa.modeling.modeling_dlfa import masked_mean
 from dlfa.modeling.modeling_xmixup import XMixupConfig, XMixupModel, XMixupOutput, validate_xmixup_layers
 from dlfa.tasks import get_task
 from dlfa.training.config import TrainConfig
@@ -403,9 +403,9 @@ class XMixupRecipe(FinetuneRecipe):
     def _train_collator(self):
         return ParallelCollator(self.tokenizer, self.task.head)
 
-    def _build_model(self, dlfa_config: DLFAConfig) -> torch.nn.Module:
+    def _build_model(self, model_settings: dict[str, Any]) -> torch.nn.Module:
         cfg = self.config
-        model = super()._build_model(dlfa_config)
+        model = super()._build_model(model_settings)
         return XMixupModel(model, XMixupConfig(layers=list(cfg.xmixup_layers), lambda_max=cfg.xmixup_lambda_max))
 
     @property
