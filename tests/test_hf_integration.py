@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import CONLLU_SENTENCES, write_conllu
 
+from dlfa.configs import EvaluateConfig
 from dlfa.data.batching import Collator
 from dlfa.data.features import piece_carries_characters, sentence_predictions
 from dlfa.errors import DlfaInputError
@@ -213,13 +214,24 @@ def test_auto_classes_read_the_folder_with_dlfa_installed(pos_run):
         assert len(reference(ids, output_hidden_states=True).hidden_states) == 5  # embeddings + 4 blocks
 
 
+def test_import_dlfa_registers_the_auto_classes_without_loading_torch(pos_run):
+    """`import dlfa` alone: no torch (the CLI stays fast), yet the Auto classes know DLFA once they are imported."""
+    code = ("import sys, dlfa; light = 'torch' not in sys.modules and 'transformers' not in sys.modules; "
+            "from transformers import AutoModelForTokenClassification as A; "
+            f"m = A.from_pretrained({str(pos_run / 'best')!r}); print(light, type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.split() == ["True", "DLFAForTokenClassification"], out.stderr[-2000:]
+
+
 def test_dlfa_evaluate_reads_the_folder_and_reproduces_the_run(pos_run):
     from dlfa.evaluation.run_eval import evaluate_run
 
     metrics = json.loads((pos_run / "metrics.json").read_text())
-    again = evaluate_run(pos_run)
+    again = evaluate_run(EvaluateConfig(run=str(pos_run)))
     assert again["languages"] == metrics["languages"]
-    assert evaluate_run(pos_run / "best")["languages"] == metrics["languages"]  # the model folder itself
+    again = evaluate_run(EvaluateConfig(run=str(pos_run / "best")))  # the model folder itself
+    assert again["languages"] == metrics["languages"]
 
 
 def test_a_bad_setting_is_one_line_naming_the_option(tiny_model_dir, tiny_udpos_dir, tmp_path):
@@ -557,7 +569,7 @@ def test_dlfa_evaluate_reads_a_legacy_run(legacy_folder, pos_run, tmp_path, tiny
     LegacyModel.from_encoder(LegacyConfig(num_labels=17, labels=list(get_task("udpos").labels), fuse_layer=2),
                              str(tiny_model_dir)).save_pretrained(run / "best")
     tiny_tokenizer.save_pretrained(run / "best")
-    result = evaluate_run(run, languages=["de"])
+    result = evaluate_run(EvaluateConfig(run=str(run), languages=["de"]))
     assert result["fuse_layer"] == 2 and result["languages"]["de"]["words"] > 0
 
 
