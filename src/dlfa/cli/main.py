@@ -55,8 +55,14 @@ def _train(given: dict[str, Any]) -> int:
     from dlfa.training.recipe import recipe_class
 
     result = recipe_class(config.method)(config, overwrite=control.overwrite, resume=control.resume).run()
-    _print_run_summary(result)
+    if _main_process():
+        _print_run_summary(result)
     return 0
+
+
+def _main_process() -> bool:
+    """Of several data-parallel processes (torchrun), only the first prints results."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _print_run_summary(result: dict) -> None:

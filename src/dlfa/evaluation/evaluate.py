@@ -22,16 +22,24 @@ def predict(
     desc: str | None = None,
     sort_by_length: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    accelerator: Any = None,
 ) -> list:
     """Per-feature predictions in the original feature order.
 
     Token heads give, per feature, the predicted label ids at its labelled positions; sequence heads give
     one label id per feature. ``model`` is a DLFA model (or X-Mixup around one): its ``head_type`` says which.
+
+    With an ``accelerator`` of several processes, process k predicts batches k, k + n, ... of the very batches one
+    process makes, and every process receives all predictions: the one-process result exactly (same batches,
+    same padding), in a 1/n of the time.
     """
     was_training = model.training
     model.eval()
     results: list = [None] * len(features)
     batches = sorted_batches(features, batch_size, sort=sort_by_length)
+    shards = accelerator.num_processes if accelerator is not None else 1
+    if shards > 1:
+        batches = batches[accelerator.process_index::shards]
     device = torch.device(device)
     for indices in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         batch = collator([features[i] for i in indices])
@@ -48,6 +56,13 @@ def predict(
             for row, index in enumerate(indices):
                 results[index] = int(predicted[row])
     model.train(was_training)
+    if shards > 1:
+        from accelerate.utils import gather_object
+
+        mine = [(i, results[i]) for indices in batches for i in indices]
+        for part in gather_object([mine]):  # one list per process, on every process
+            for index, prediction in part:
+                results[index] = prediction
     return results
 
 
@@ -62,11 +77,13 @@ def evaluate_examples(
     desc: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     scorer: str | None = None,
+    accelerator: Any = None,
 ) -> dict[str, Any]:
     """The task's metrics for the model's predictions; ``scorer`` names one of ``task.scorers`` (``None``: the
-    task's default) and the returned dict carries that name under ``"scorer"``."""
+    task's default) and the returned dict carries that name under ``"scorer"``. ``accelerator``: see ``predict``."""
     chosen = task.get_scorer(scorer)  # an unknown name fails before the model runs
-    predictions = predict(model, features, collator, batch_size, device, desc, autocast_dtype=autocast_dtype)
+    predictions = predict(model, features, collator, batch_size, device, desc, autocast_dtype=autocast_dtype,
+                          accelerator=accelerator)
     return task.score(examples, features, predictions, scorer=chosen.name)
 
 

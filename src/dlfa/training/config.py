@@ -104,6 +104,10 @@ class TrainOptions(Config):
     keep_weights: bool = option(True, help="keep the selected model's weights after the run; off: delete them once "
                                            "scored (about 17 MB left per run instead of 490 MB for the embedded "
                                            "model; dlfa report still works, dlfa evaluate does not)")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = option(
+        "none", help="tracker for the training curves (accelerate's trackers; files in RUN/logs): per-step loss, "
+                     "learning rate, gradient norm and tokens/s, dev metrics at each evaluation, final scores")
+    log_every: int = option(10, low=1, help="optimizer steps between tracker logs of the training curves")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", help="accelerate's mixed precision")
     cpu: bool = option(False, help="stay on the CPU even when an accelerator is present")
     # X-Mixup (docs/xmixup.md); None: the method's defaults. Only with --method xmixup.

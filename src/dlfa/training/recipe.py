@@ -98,13 +98,31 @@ class FinetuneRecipe:
     def setup(self) -> None:
         """Read and check every input; only then create the run folder, the model and the optimiser."""
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DataLoaderConfiguration, set_seed
         from transformers import AutoConfig
 
         cfg = self.config
         if cfg.method != self.training_method:
             raise DlfaInputError(f"{type(self).__name__} runs method {self.training_method!r}, not {cfg.method!r} "
                                  "(`dlfa train` picks the recipe of each method)", option="--method")
+        check_tracker(cfg.report_to)
+        # The processes of a data-parallel run meet here (no file is written by this): everything below is checked
+        # by every process, and only the main process writes.
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cfg.cpu or _cpu_processes(),
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            # Each batch of the loader is split between the processes: a step sees the same global batch, and the
+            # number of steps (hence the schedule) is the one of a single process.
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=str(self.output_dir / TRACKING_DIR),
+        )
+        check_process_count(accelerator)
+        micro_batch = cfg.batch_size // cfg.gradient_accumulation_steps
+        if micro_batch % accelerator.num_processes:
+            raise DlfaInputError(f"the batch of {cfg.batch_size} ({micro_batch} per accumulation step) cannot be split "
+                                 f"evenly between {accelerator.num_processes} processes", option="--batch-size")
         self.task = task = get_task(cfg.task)
         # The named scorer (None: the task's default) and how UD text is read; both checked before writing.
         self.scorer = task.get_scorer(cfg.scorer)
@@ -135,22 +153,24 @@ class FinetuneRecipe:
             for lang in self.languages
         }
 
-        # Inputs are good: from here on we write.
-        self._prepare_output_dir()
-        self._start_logging()
-        set_seed(cfg.seed)
-        self.accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            cpu=cfg.cpu,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        )
+        # Inputs are good: from here on we write (the main process; the others wait for it).
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._prepare_output_dir()
+            self._start_logging()
+        accelerator.wait_for_everyone()
+        # Process 0 draws what a single process would; the others their own dropout (DDP copies process 0's weights).
+        set_seed(cfg.seed, device_specific=True)
         self.collator = Collator(self.tokenizer, task.head)
         self.feature_cache = FeatureCache(enabled=cfg.feature_cache)
         holdout = self._holdout_tag()
-        self.train_features = self._build_train_features(train_examples, holdout)
-        self.dev_examples = dev_examples
-        self.dev_features = self._features(dev_examples, cfg.train_language, cfg.dev_split,
-                                           f"select:{holdout}:{cfg.max_dev_examples}")
+        with accelerator.main_process_first():  # the main process tokenizes and caches; the others read the cache
+            self.train_features = self._build_train_features(train_examples, holdout)
+            self.dev_examples = dev_examples
+            self.dev_features = self._features(dev_examples, cfg.train_language, cfg.dev_split,
+                                               f"select:{holdout}:{cfg.max_dev_examples}")
+            self.eval_features = {lang: self._features(self.eval_examples[lang], lang, task.eval_split,
+                                                       f"eval:{cfg.max_eval_examples}") for lang in self.languages}
         logger.info(
             "task %s | model %s (%d layers) | fuse layer %s | %d train examples (%d features) | %d dev | targets %s",
             cfg.task, cfg.model, self.num_layers, cfg.fuse_layer, len(train_examples), len(self.train_features),
@@ -160,8 +180,9 @@ class FinetuneRecipe:
         model = self._build_model(self.model_settings)
         optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
 
+        # The same order on every process (accelerate splits each batch between them).
         self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
-        loader = train_loader(self.train_features, self._train_collator(), cfg.batch_size, self.sampler_generator,
+        loader = train_loader(self.train_features, self._train_collator(), micro_batch, self.sampler_generator,
                               cfg.group_by_length)
         steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -170,10 +191,12 @@ class FinetuneRecipe:
         scheduler = get_linear_schedule_with_warmup(
             optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps
         )
-        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
+        self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler
         )
         self._write_config()
+        if cfg.report_to != "none":
+            accelerator.init_trackers(self.output_dir.name or "dlfa", config=_tracker_config(self.config.to_dict()))
 
     # Hooks for recipes of other methods (X-Mixup): the training data, the model, the training loss.
 
@@ -352,7 +375,7 @@ class FinetuneRecipe:
         resume_rng = None
         if self.resume_from is not None:
             loop = load_checkpoint(self.resume_from, accelerator.unwrap_model(self.model), self.optimizer,
-                                   self.scheduler, None)
+                                   self.scheduler, None, accelerator.process_index, accelerator.num_processes)
             resume_rng = torch.get_rng_state()
             logger.info("resumed from %s at step %d", self.resume_from, loop["step"])
         self.history, self.best = loop["history"], loop["best"]
@@ -360,6 +383,7 @@ class FinetuneRecipe:
         steps_per_epoch = max(1, math.ceil(len(self.loader) / cfg.gradient_accumulation_steps))
         progress = tqdm(total=self.total_steps, initial=loop["step"], desc="train",
                         disable=not (self.show_progress and accelerator.is_main_process))
+        meter = StepMeter(accelerator)
         try:
             self.model.train()
             while loop["step"] < self.total_steps:
@@ -383,23 +407,27 @@ class FinetuneRecipe:
                         loss = self.training_loss(batch, loop["step"])
                         if not torch.isfinite(loss.detach()).all():
                             # Training on would only report the metrics of a broken model.
-                            raise DlfaInputError(f"training diverged: the loss is {loss.item()} at step {loop['step'] + 1} "
-                                                 "(try a lower learning rate)", option="--learning-rate")
+                            raise DlfaInputError(f"training diverged: the loss is {loss.item()} at step "
+                                                 f"{loop['step'] + 1} (try a lower learning rate)",
+                                                 option="--learning-rate")
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and cfg.max_grad_norm:
-                            accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                            meter.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                         self.optimizer.step()
                         self.scheduler.step()
                         self.optimizer.zero_grad()
                     loop["batches_done"] += 1
                     loop["running_loss"] += loss.detach().float().item()
                     loop["loss_count"] += 1
+                    meter.add(batch, loss)
                     if not accelerator.sync_gradients:
                         continue
                     loop["step"] += 1
                     step = loop["step"]
                     progress.update(1)
                     progress.set_postfix(loss=f"{loop['running_loss'] / loop['loss_count']:.4f}", epoch=loop["epoch"])
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        self._log(meter.flush(self.scheduler.get_last_lr()[0], loop["epoch"]), step)
                     end_of_epoch = step % steps_per_epoch == 0
                     select = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch)
                     if select or step == self.total_steps:
@@ -426,32 +454,50 @@ class FinetuneRecipe:
                                                       self.config.train_language)
         if self.selection_warning and accelerator.is_main_process:
             logger.warning(self.selection_warning)
-            print(f"dlfa: warning: {self.selection_warning}", file=sys.stderr)
+            tqdm.write(f"dlfa: warning: {self.selection_warning}", file=sys.stderr)
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        """Training curves to the trackers (every process calls it; accelerate logs from the main one)."""
+        if self.config.report_to != "none":
+            self.accelerator.log(values, step=step)
 
     def _checkpoint(self, loop: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.output_dir / CHECKPOINT_DIR, self.accelerator.unwrap_model(self.model),
-                            self.optimizer, self.scheduler, None, loop)
-        self.accelerator.wait_for_everyone()
+        accelerator = self.accelerator
+        save_checkpoint(self.output_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model), self.optimizer,
+                        self.scheduler, None, loop, accelerator.process_index, accelerator.num_processes,
+                        accelerator.wait_for_everyone)
+
+    def _predict_scores(self, model, examples: list, features: list, desc: str | None) -> dict[str, Any]:
+        """The task's metrics of ``model`` on examples, the batches shared between the processes (every process
+        gets the same, complete result)."""
+        return evaluate_examples(
+            self.task, model, examples, features, self.collator, self.config.eval_batch_size, self.accelerator.device,
+            desc=desc if self.show_progress and self.accelerator.is_main_process else None,
+            autocast_dtype=self._autocast_dtype(), scorer=self.scorer.name, accelerator=self.accelerator,
+        )
 
     def _select(self, step: int, epoch: int, train_loss: float) -> None:
-        """Score English dev; keep the model if it is the best so far (the only selection signal)."""
+        """Score English dev; keep the model if it is the best so far (the only selection signal).
+
+        Every process scores its share of the dev batches and receives all predictions, so every process reaches
+        the same decision; only the main process writes ``best/``."""
         accelerator = self.accelerator
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(self.model)
-            metrics = evaluate_examples(
-                self.task, model, self.dev_examples, self.dev_features, self.collator, self.config.eval_batch_size,
-                accelerator.device, desc="dev" if self.show_progress else None, autocast_dtype=self._autocast_dtype(),
-                scorer=self.scorer.name,
-            )
-            score = metrics[self.scorer.metric]
-            record = {"step": step, "epoch": epoch, "train_loss": train_loss, "dev": metrics, "score": score}
-            self.history.append(record)
-            improved = self.best is None or score > self.best["score"]
-            logger.info("step %d epoch %d loss %.4f | %s dev %s %.2f%s", step, epoch, train_loss,
-                        self.config.train_language, self.scorer.metric, score, " (best)" if improved else "")
-            if improved:
-                self.best = record
+        model = accelerator.unwrap_model(self.model)
+        metrics = self._predict_scores(model, self.dev_examples, self.dev_features, "dev")
+        score = metrics[self.scorer.metric]
+        train_loss = float(accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean"))
+        record = {"step": step, "epoch": epoch, "train_loss": train_loss, "dev": metrics, "score": score}
+        self.history.append(record)
+        improved = self.best is None or score > self.best["score"]
+        line = (f"step {step}/{self.total_steps} epoch {epoch} | loss {train_loss:.4f} | {self.config.train_language} "
+                f"dev {self.scorer.metric} {score:.2f}{' (best)' if improved else ''}")
+        logger.info(line)
+        if self.show_progress and accelerator.is_main_process:
+            tqdm.write(line, file=sys.stderr)
+        self._log({f"dev/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
+        if improved:
+            self.best = record
+            if accelerator.is_main_process:
                 with atomic_path(self.output_dir / BEST_DIR, replace_folder=True) as tmp:
                     save_dlfa_model(model, tmp, self.tokenizer)
         accelerator.wait_for_everyone()
@@ -462,50 +508,50 @@ class FinetuneRecipe:
     # -- evaluation ------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, Any]:
-        """Zero-shot scores of the selected model on every target language; writes metrics.json."""
+        """Zero-shot scores of the selected model on every target language, the batches shared between the
+        processes; the main process writes metrics.json. Every process returns the result."""
         accelerator = self.accelerator
-        result: dict[str, Any] = {}
+        model = load_dlfa_model(self.output_dir / BEST_DIR, device=accelerator.device)
+        per_language = {}
+        for lang in self.languages:
+            per_language[lang] = self._predict_scores(model, self.eval_examples[lang], self.eval_features[lang],
+                                                      f"eval {lang}")
+            if lang in self.leaky_languages:
+                per_language[lang]["leaky"] = True
+            logger.info("%s %s: %s", self.task.eval_split, lang,
+                        " ".join(f"{k}={v:.2f}" for k, v in per_language[lang].items() if isinstance(v, float)))
+        metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
+        result = {
+            "task": self.task.name,
+            "model": self.config.model,
+            **self._method_fields(),
+            "seed": self.config.seed,
+            "scorer": self.scorer.name,
+            "primary_metric": self.scorer.metric,
+            "eval_split": self.task.eval_split,
+            **({"preprocessing": self.preprocessing} if self.preprocessing else {}),
+            "selection": {
+                "language": self.config.train_language,
+                "split": self.config.dev_split,
+                "held_out_from_training_file": self.config.train_split == self.config.dev_split,
+                "best_step": self.best["step"],
+                "best_score": self.best["score"],
+                "warning": self.selection_warning,
+                "history": self.history,
+            },
+            "languages": per_language,
+            "leaky_languages": self.leaky_languages,
+            "average": {m: average(per_language, m) for m in metric_names},
+            "average_zero_shot": {m: average(per_language, m, exclude=[self.config.train_language])
+                                  for m in metric_names},
+            "num_processes": accelerator.num_processes,
+            "train_seconds": self.train_seconds,
+        }
+        self._log({f"{self.task.eval_split}/{lang}/{k}": v for lang, m in per_language.items()
+                   for k, v in m.items() if isinstance(v, float)}
+                  | {f"{self.task.eval_split}/average/{k}": v for k, v in result["average"].items() if v is not None},
+                  self.best["step"])
         if accelerator.is_main_process:
-            model = load_dlfa_model(self.output_dir / BEST_DIR, device=accelerator.device)
-            per_language = {}
-            for lang in self.languages:
-                features = self._features(self.eval_examples[lang], lang, self.task.eval_split,
-                                          f"eval:{self.config.max_eval_examples}")
-                per_language[lang] = evaluate_examples(
-                    self.task, model, self.eval_examples[lang], features, self.collator, self.config.eval_batch_size,
-                    accelerator.device, desc=f"eval {lang}" if self.show_progress else None,
-                    autocast_dtype=self._autocast_dtype(), scorer=self.scorer.name,
-                )
-                if lang in self.leaky_languages:
-                    per_language[lang]["leaky"] = True
-                logger.info("%s %s: %s", self.task.eval_split, lang,
-                            " ".join(f"{k}={v:.2f}" for k, v in per_language[lang].items() if isinstance(v, float)))
-            metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
-            result = {
-                "task": self.task.name,
-                "model": self.config.model,
-                **self._method_fields(),
-                "seed": self.config.seed,
-                "scorer": self.scorer.name,
-                "primary_metric": self.scorer.metric,
-                "eval_split": self.task.eval_split,
-                **({"preprocessing": self.preprocessing} if self.preprocessing else {}),
-                "selection": {
-                    "language": self.config.train_language,
-                    "split": self.config.dev_split,
-                    "held_out_from_training_file": self.config.train_split == self.config.dev_split,
-                    "best_step": self.best["step"],
-                    "best_score": self.best["score"],
-                    "warning": self.selection_warning,
-                    "history": self.history,
-                },
-                "languages": per_language,
-                "leaky_languages": self.leaky_languages,
-                "average": {m: average(per_language, m) for m in metric_names},
-                "average_zero_shot": {m: average(per_language, m, exclude=[self.config.train_language])
-                                      for m in metric_names},
-                "train_seconds": self.train_seconds,
-            }
             write_json_atomic(self.output_dir / METRICS_FILE, result)
             self._write_model_card()
         accelerator.wait_for_everyone()
@@ -550,6 +596,8 @@ class FinetuneRecipe:
             started = True
             self.train()
             result = self.evaluate()
+            if self.config.report_to != "none":
+                self.accelerator.end_training()
             if self.accelerator.is_main_process:
                 # The run is complete: the resumption state (weights + optimizer moments) is no longer needed.
                 shutil.rmtree(self.output_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -559,7 +607,8 @@ class FinetuneRecipe:
                     logger.info(prune_run(self.output_dir).summary())
             return result
         except BaseException as exc:
-            if not started and getattr(self, "_created_output", False):
+            main = getattr(self, "accelerator", None) is None or self.accelerator.is_main_process
+            if not started and main and getattr(self, "_created_output", False):
                 shutil.rmtree(self.output_dir, ignore_errors=True)  # ours, made in this call, holds no work yet
             elif started:
                 self._mark_failed(exc)
@@ -622,3 +671,88 @@ def check_safetensors_weights(model_path: str) -> None:
         raise DlfaInputError(f"{folder} holds {found}; dlfa loads safetensors weights only (convert them with "
                              "transformers' save_pretrained(..., safe_serialization=True) in a trusted environment)",
                              option="--model")
+
+
+TRACKING_DIR = "logs"  # trackers' files (TensorBoard event files) inside the run folder
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def check_tracker(report_to: str) -> None:
+    """A tracker whose package is missing is refused before anything is written (not a crash at the first log)."""
+    import importlib.util
+
+    packages = TRACKER_PACKAGES.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise DlfaInputError(f"{report_to} is not installed (pip install {packages[-1]})", option="--report-to")
+
+
+def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as trackers take them: numbers, strings and booleans (lists as text, None as "none")."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else ("none" if v is None else str(v))
+            for k, v in config.items()}
+
+
+class StepMeter:
+    """What the trackers get every ``log_every`` steps: mean loss, learning rate, gradient norm, tokens/s (summed
+    over the processes, reduced once per interval rather than every step)."""
+
+    def __init__(self, accelerator) -> None:
+        self.accelerator = accelerator
+        self.loss, self.batches, self.tokens = 0.0, 0, 0
+        self.grad_norm: torch.Tensor | float | None = None
+        self.since = time.time()
+
+    def add(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        self.loss += loss.detach().float().item()
+        self.batches += 1
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def flush(self, learning_rate: float, epoch: int) -> dict[str, float]:
+        accelerator = self.accelerator
+        totals = accelerator.reduce(torch.tensor([self.loss, self.batches, self.tokens], dtype=torch.float64,
+                                                 device=accelerator.device), "sum").tolist()
+        seconds = max(time.time() - self.since, 1e-9)
+        values = {"train/loss": totals[0] / max(totals[1], 1), "train/learning_rate": learning_rate,
+                  "train/tokens_per_second": totals[2] / seconds, "train/epoch": float(epoch)}
+        if self.grad_norm is not None:
+            values["train/grad_norm"] = float(self.grad_norm)
+        self.loss, self.batches, self.tokens, self.since = 0.0, 0, 0, time.time()
+        return values
+
+
+def _cpu_processes() -> bool:
+    """Several processes (torchrun, mpirun) on a machine without a GPU: accelerate runs them as one-process runs
+    unless told that this is the CPU, then it joins them with the gloo backend."""
+    world = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    return world > 1 and not torch.cuda.is_available()
+
+
+def check_process_count(accelerator) -> None:
+    """``accelerate launch --cpu --num_processes 2`` starts one process (accelerate's --cpu launcher ignores the
+    count): refuse to train on fewer processes than the launcher was asked for, instead of a silent 1-process run."""
+    asked = _launcher_process_count(os.getppid())
+    if asked is not None and asked != accelerator.num_processes:
+        raise DlfaInputError(
+            f"the launcher was asked for {asked} processes but started {accelerator.num_processes} (accelerate launch "
+            f"--cpu runs one process); for {asked} CPU processes use: torchrun --nproc_per_node {asked} -m dlfa train "
+            "...", option="--num_processes")
+
+
+def _launcher_process_count(pid: int) -> int | None:
+    """``--num_processes N`` of an ``accelerate launch`` parent process, read from /proc (Linux); None otherwise."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or a == "launch" for a in args[:4]):
+        return None
+    for i, arg in enumerate(args):
+        if arg.startswith(("--num_processes=", "--num-processes=")):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            value = args[i + 1]
+        else:
+            continue
+        return int(value) if value.isdigit() else None
+    return None

@@ -1,0 +1,227 @@
+"""Data-parallel training with two CPU processes (torchrun, gloo), against one process with the same global batch.
+
+What must be equal: the optimizer steps, epochs and learning-rate trace, the dev scores that selection sees, and
+the sharded zero-shot evaluation (to the last digit, against one process scoring the same model). What may
+differ, within the tolerance stated below: the training loss, because each process averages the loss over its
+own half of a batch's tokens and the halves hold different numbers of tokens. A 2-process run killed with
+kill -9 and resumed ends exactly as an uninterrupted 2-process run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CONLLU_SENTENCES, write_conllu
+
+pytest.importorskip("tensorboardX")
+
+LOSS_TOLERANCE = 0.05  # relative: the per-step training loss of 2 processes against 1 (see the module docstring)
+
+
+def _env() -> dict[str, str]:
+    # One thread per process, for both runs: float sums depend on the thread count.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dlfa",
+            *args]
+
+
+def _single(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dlfa", *args]
+
+
+def _train_args(model_dir, data_dir, out, *extra) -> list[str]:
+    return ["train", "--task", "udpos", "--model", str(model_dir), "--data-dir", str(data_dir), "--output", str(out),
+            "--batch-size", "4", "--learning-rate", "1e-3", "--eval-batch-size", "1", *extra]
+
+
+def _run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (they run in sessions of their own, so killing its group is not enough)."""
+    children = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:
+            children.append(int(Path(stat).parent.name))
+    for pid in [*children, proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in children:  # dead (gone, or a zombie) before anything else touches the run folder
+        while True:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+
+
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run's TensorBoard event files: tag -> [(step, value)] (TFRecord, read with protobuf)."""
+    from tensorboardX.proto import event_pb2
+
+    values: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(str(run / "logs" / "*" / "events.out.tfevents.*"))):
+        data, i = Path(path).read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                values.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return values
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp-data") / "udpos"
+    folder.mkdir()
+    write_conllu(folder / "en-train.conllu", CONLLU_SENTENCES["en"] * 8)  # 24 sentences: 6 batches of 4
+    write_conllu(folder / "en-dev.conllu", CONLLU_SENTENCES["en"])
+    write_conllu(folder / "de-test.conllu", CONLLU_SENTENCES["de"] * 3)
+    write_conllu(folder / "ja-test.conllu", CONLLU_SENTENCES["ja"] * 3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, data_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp-runs")
+    extra = ("--epochs", "2", "--report-to", "tensorboard", "--log-every", "1")
+    one = _run(_single(*_train_args(tiny_model_dir, data_dir, root / "one", *extra)))
+    two = _run(_torchrun(*_train_args(tiny_model_dir, data_dir, root / "two", *extra)))
+    return {"one": root / "one", "two": root / "two", "one_err": one.stderr, "two_err": two.stderr,
+            "two_out": two.stdout}
+
+
+def test_two_processes_take_the_steps_epochs_and_schedule_of_one(runs):
+    one, two = json.loads((runs["one"] / "config.json").read_text()), json.loads((runs["two"] / "config.json").read_text())
+    assert (one["resolved"]["num_processes"], two["resolved"]["num_processes"]) == (1, 2)
+    assert one["resolved"]["total_steps"] == two["resolved"]["total_steps"] == 12  # 2 epochs of 6 global batches
+    a, b = scalars(runs["one"]), scalars(runs["two"])
+    assert [s for s, _ in a["train/learning_rate"]] == list(range(1, 13))
+    assert a["train/learning_rate"] == b["train/learning_rate"]  # the whole schedule, to the last bit
+    assert a["train/epoch"] == b["train/epoch"] and a["train/epoch"][-1] == (12, 2.0)
+    for (step_a, loss_a), (step_b, loss_b) in zip(a["train/loss"], b["train/loss"], strict=True):
+        assert step_a == step_b and abs(loss_a - loss_b) <= LOSS_TOLERANCE * loss_a
+    metrics = [json.loads((runs[k] / "metrics.json").read_text()) for k in ("one", "two")]
+    assert [h["step"] for h in metrics[0]["selection"]["history"]] == [h["step"] for h in metrics[1]["selection"]["history"]]
+    assert metrics[1]["num_processes"] == 2
+
+
+def test_trackers_log_the_training_curves_dev_metrics_and_final_scores(runs):
+    values = scalars(runs["two"])
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/epoch"):
+        assert len(values[tag]) == 12, tag  # --log-every 1
+    assert all(v > 0 for _, v in values["train/tokens_per_second"])
+    assert [s for s, _ in values["dev/f1"]] == [6, 12]
+    assert {"test/de/f1", "test/ja/accuracy", "test/average/f1"} <= set(values)
+    metrics = json.loads((runs["two"] / "metrics.json").read_text())
+    assert values["test/de/f1"][0][1] == pytest.approx(metrics["languages"]["de"]["f1"])
+
+
+def test_console_shows_one_line_per_dev_evaluation_from_the_main_process(runs):
+    for key in ("one_err", "two_err"):
+        lines = [line for line in runs[key].replace("\r", "\n").splitlines() if " en dev f1 " in line]
+        assert len(lines) == 2, lines  # two evaluations, printed once even with two processes
+    assert runs["two_out"].count("| average") == 1  # the result table, once
+
+
+def test_sharded_evaluation_equals_one_process_evaluation(runs, tmp_path):
+    """The 2-process run scored each language on half the batches each; one process scores the same model again."""
+    out = tmp_path / "again.json"
+    _run(_single("evaluate", "--run", str(runs["two"]), "--batch-size", "1", "--output", str(out)))
+    again = json.loads(out.read_text())
+    assert again["languages"] == json.loads((runs["two"] / "metrics.json").read_text())["languages"]
+
+
+def test_kill_9_of_two_processes_then_resume_is_exact(tiny_model_dir, data_dir, tmp_path):
+    args = ("--epochs", "12", "--checkpoint-every", "4", "--fuse-layer", "2", "--seed", "3")
+    reference = tmp_path / "reference"
+    _run(_torchrun(*_train_args(tiny_model_dir, data_dir, reference, *args)))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(*_train_args(tiny_model_dir, data_dir, killed, *args)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # past the first checkpoint
+    kill_9(proc)
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    saved = json.loads(state.read_text())
+    assert saved["num_processes"] == 2 and 0 < saved["progress"]["step"] < 72
+    assert (killed / "checkpoint" / "rng-1.safetensors").is_file()  # the second process's RNG state
+
+    _run(_torchrun(*_train_args(tiny_model_dir, data_dir, killed, *args, "--resume")))
+
+    def comparable(run):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics.pop("train_seconds")
+        return metrics
+
+    assert comparable(killed) == comparable(reference)
+
+
+def test_resume_with_another_process_count_is_refused(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(tiny_model_dir, data_dir, out, "--epochs", "8", "--checkpoint-every", "2")
+    proc = subprocess.Popen(_torchrun(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    kill_9(proc)
+    if (out / "metrics.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    done = subprocess.run(_single(*args, "--resume"), capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 2
+    assert "written by 2 process(es); resume it with 2" in done.stderr.strip().splitlines()[-1]
+
+
+def test_accelerate_launch_that_starts_fewer_processes_than_asked_is_refused(tiny_model_dir, data_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` runs one process; dlfa says so instead of training alone."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "dlfa",
+               *_train_args(tiny_model_dir, data_dir, out, "--epochs", "1")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("dlfa: error:")]
+    assert lines == ["dlfa: error: option --num_processes: the launcher was asked for 2 processes but started 1 "
+                     "(accelerate launch --cpu runs one process); for 2 CPU processes use: torchrun "
+                     "--nproc_per_node 2 -m dlfa train ..."]
+    assert not out.exists()
+
+
+def test_missing_tracker_package_is_one_line(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from dlfa.cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, data_dir, out, "--report-to", "wandb")) == 2
+    assert capsys.readouterr().err.strip() == "dlfa: error: option --report-to: wandb is not installed (pip install wandb)"
+    assert not out.exists()
