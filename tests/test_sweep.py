@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dlfa.cli.main import main
+from dlfa.errors import DlfaInputError
 from dlfa.reporting.report import Report, collect_runs
 from dlfa.training.sweep import SweepConfig, cell_dir, plan_cells, run_sweep
 
@@ -57,7 +59,7 @@ def test_two_sweep_processes_never_run_a_cell_twice(tiny_model_dir, tiny_udpos_d
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    cells = [line.split() for out in outputs for line in out.splitlines() if line.startswith("[")]
+    cells = [line.split() for out in outputs for line in out.splitlines() if line.startswith("[") and "/" in line[:8]]
     trained = [words[2] for words in cells if words[1] == "trained"]
     assert len(trained) == len(set(trained)) == 8  # every cell trained exactly once across both processes
     for words in cells:
@@ -128,3 +130,76 @@ def test_xmixup_sweep_rows_sit_next_to_finetuning_rows_in_the_report(tiny_model_
     # One epoch of a random tiny model: every run is far below the UD-POS English-dev floor, and its cell says so.
     assert all(row[2].endswith("(n=1) (!)") for row in table.rows)
     assert [(r["row"], r["n"]) for r in records] == [("baseline", 1), ("D_2", 1), ("xmixup", 1), ("xmixup+D_2", 1)]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failed_cell_is_recorded_and_the_sweep_goes_on(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    from dlfa.training.recipe import FinetuneRecipe
+
+    real = FinetuneRecipe.train
+
+    def train(self):
+        if self.config.fuse_layer == 1:
+            raise DlfaInputError("training diverged (injected)", option="--learning-rate")
+        return real(self)
+
+    monkeypatch.setattr(FinetuneRecipe, "train", train)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir), "--model", str(tiny_model_dir),
+            "--layers", "1,2", "--seeds", "1", "--epochs", "1", "--batch-size", "4", "--languages", "de",
+            "--output", str(out)]
+    assert main(args) == 1  # the sweep ran to its end, and says that a cell failed
+    printed = capsys.readouterr().out.splitlines()
+    finished = [line for line in printed if line.startswith("[") and "/3]" in line]
+    assert [line.split()[1] for line in finished] == ["trained", "failed", "trained"]
+    assert "ETA" in finished[0] and "elapsed" in finished[-1]
+    assert "training diverged (injected)" in finished[1]
+    assert printed[-1].startswith("sweep done: 2 trained, 1 failed; failed cells")
+    assert json.loads((cell_dir(out, "udpos", str(tiny_model_dir), 1, 1) / "failed.json").read_text())
+    assert (cell_dir(out, "udpos", str(tiny_model_dir), 2, 1) / "metrics.json").is_file()
+
+
+def test_killing_the_sweep_stops_its_workers(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    args = [sys.executable, "-m", "dlfa", "sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir),
+            "--model", str(tiny_model_dir), "--layers", "1,2,3", "--seeds", "1,2", "--epochs", "200",
+            "--batch-size", "4", "--languages", "de", "--parallel", "2", "--output", str(tmp_path / "sweep")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().startswith("sweep: 8 cells")
+    line = proc.stdout.readline()  # a worker says it started a cell: the pool is up
+    assert line.startswith("[started]"), line
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+               and _parent_of(int(p.name)) == proc.pid]
+    assert workers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "workers outlived the killed sweep"
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_unreachable_ray_cluster_is_one_line(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir), "--model", str(tiny_model_dir),
+            "--layers", "1", "--seeds", "1", "--output", str(out), "--ray-address", "auto"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dlfa: error: option --ray-address: cannot reach a Ray cluster at 'auto'")
+    assert not out.exists()

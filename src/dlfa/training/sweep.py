@@ -123,6 +123,7 @@ def run_cell(config: dict[str, Any], show_progress: bool = False, torch_threads:
             if recipe.finished_result() is not None:
                 return {**record, "status": "finished before"}
             resumed = (run_dir / "checkpoint" / "state.json").is_file()
+            print(f"[started] {run_dir}" + (" (resuming)" if resumed else ""), flush=True)
             result = recipe.run()
             record.update(status="resumed" if resumed else "trained", score=result["average"][result["primary_metric"]],
                           scorer=result.get("scorer"))
