@@ -344,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = None
     try:
+        from dlfa.threads import configure
+
+        configure()  # before torch loads: how its threads wait, and how many there are
         command, given = parse(argv)
         return command.handler(given)
     except DlfaInputError as exc:
