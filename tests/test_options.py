@@ -229,13 +229,15 @@ def test_sweep_with_empty_seeds_is_refused_on_the_command_line(capsys, tmp_path)
     assert "option --seeds: must not be empty" in capsys.readouterr().err
 
 
-def test_bad_input_is_refused_before_heavy_imports():
-    """A bad option must not wait for torch or the model code: they are imported only after validation."""
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--data-dir", "/no/such/folder"],
+                                 ["--task", "panx"]])
+def test_bad_input_is_refused_before_heavy_imports(bad, tiny_udpos_dir, tmp_path):
+    """A bad option or path must not wait for torch or the model code: they are imported only after the checks."""
     import subprocess
     import sys
 
-    code = ("import sys; from dlfa.cli.main import main; rc = main(['train', '--task', 'udpos', '--data-dir', 'd', "
-            "'--output', 'o', '--batch-size', '0']); heavy = [m for m in ('torch', 'dlfa.training.recipe', "
-            "'seqeval', 'accelerate') if m in sys.modules]; print(rc, heavy)")
+    args = ["train", "--task", "udpos", "--data-dir", str(tiny_udpos_dir), "--output", str(tmp_path / "o"), *bad]
+    code = (f"import sys; from dlfa.cli.main import main; rc = main({args!r}); heavy = [m for m in ('torch', "
+            "'dlfa.training.recipe', 'seqeval', 'accelerate') if m in sys.modules]; print(rc, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == "2 []"

@@ -52,6 +52,7 @@ def _train(given: dict[str, Any]) -> int:
 
     control = parse_config(RunControl, given)
     config = parse_config(TrainConfig, _split(given, TrainConfig), file=control.config)
+    config.check_paths()  # before the heavy imports below: a wrong folder is refused at once
     from dlfa.training.recipe import recipe_class
 
     result = recipe_class(config.method)(config, overwrite=control.overwrite, resume=control.resume).run()

@@ -192,6 +192,15 @@ class TrainConfig(TrainOptions):
             raise DlfaInputError(f"must be at most {usable}, the positions of {self.model}, got {self.max_length}",
                                  option="--max-length")
 
+    def check_paths(self) -> None:
+        """The rules about files: the data folder holds this task's files, the output can be written. Cheap and
+        light (no torch), so the command line runs them before any heavy import; the recipe runs them again."""
+        from dlfa.io import check_new_output
+        from dlfa.tasks import get_task
+
+        get_task(self.task).check_data_dir(self.data_dir)
+        check_new_output(self.output_dir, "--output", allow_existing_folder=True)
+
     def run_fields(self) -> dict[str, Any]:
         """What makes two configs the same run (everything but where the run folder is)."""
         data = self.to_dict()
