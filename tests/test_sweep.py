@@ -166,6 +166,7 @@ def test_killing_the_sweep_stops_its_workers(tiny_model_dir, tiny_udpos_dir, tmp
             "--batch-size", "4", "--languages", "de", "--parallel", "2", "--output", str(tmp_path / "sweep")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().startswith("sweep: 8 cells")
+    assert proc.stdout.readline().startswith("disk: about 0.0 GB for the models of 8 cells")
     line = proc.stdout.readline()  # a worker says it started a cell: the pool is up
     assert line.startswith("[started]"), line
     workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()

@@ -190,6 +190,19 @@ def _run_ray(cells: Sequence[TrainConfig], ray, cpus: float, gpus: float) -> Ite
             ray.cancel(ref, force=True)
 
 
+def disk_estimate(cells: Sequence[TrainConfig]) -> str:
+    """What the finished sweep will hold on disk: each kept model is a copy of the encoder's weights."""
+    from dlfa.training.recipe import resolve_model
+
+    folder = Path(resolve_model(cells[0].model)) if cells else None
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder and folder.is_dir() else 0
+    if not weights:
+        return "disk: each cell keeps a copy of the encoder's weights (--no-keep-weights: only what reports need)"
+    kept = sum(cell.keep_weights for cell in cells)
+    return (f"disk: about {kept * weights / 1e9:.1f} GB for the models of {kept} cells ({weights / 1e6:.0f} MB "
+            f"each" + (", --no-keep-weights deletes them once a cell is scored" if kept else "") + ")")
+
+
 class SweepProgress:
     """One line per cell: i/N, its status, its score or error, and an ETA from the cells trained so far."""
 
@@ -231,6 +244,7 @@ def run_sweep(sweep: SweepConfig, echo: Callable[[str], None] = print) -> dict[s
     ray = _connect_ray(sweep.ray_address) if sweep.ray_address else None
     echo(f"sweep: {len(cells)} cells into {sweep.output_dir}" + (f" on Ray at {sweep.ray_address}" if ray else
                                                                    f", {sweep.parallel} at a time"))
+    echo(disk_estimate(cells))
     progress = SweepProgress(len(cells), sweep.parallel if ray is None else len(cells), sweep.output_dir, echo)
     threads = max(1, (os.cpu_count() or 1) // sweep.parallel)  # the machine's cores shared by the cells at once
     records = []
