@@ -31,8 +31,13 @@ def evaluate_run(
     batch_size: int = 64,
     max_examples: int | None = None,
     output: str | None = None,
+    translate_test: str | None = None,
 ) -> dict[str, Any]:
+    """Score ``run``'s selected model; an X-Mixup model is scored by :func:`dlfa.training.xmixup.evaluate_folder`
+    (its tagging head pools sub-words), with mixup inference for the languages ``translate_test`` has files for."""
     from transformers import AutoTokenizer
+
+    from dlfa.modeling.modeling_xmixup import XMIXUP_CONFIG_NAME
 
     run = Path(run)
     if (run / DLFA_CONFIG_NAME).is_file():  # given the model folder itself
@@ -47,14 +52,22 @@ def evaluate_run(
     langs = task.resolve_languages(data_dir, languages, option="--languages")
     examples = {lang: task.read(data_dir, lang, task.eval_split)[:max_examples] for lang in langs}
 
-    model = DLFAModel.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    collator = Collator(tokenizer, task.head)
-    per_language = {}
-    for lang in langs:
-        features = task.featurize(examples[lang], tokenizer, config["max_length"])
-        per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
-                                               desc=f"eval {lang}")
+    if (model_dir / XMIXUP_CONFIG_NAME).is_file():
+        from dlfa.training.xmixup import evaluate_folder
+
+        model, per_language = evaluate_folder(model_dir, task, data_dir, examples, config.get("train_language", "en"),
+                                              config["max_length"], batch_size, translate_test)
+    else:
+        if translate_test is not None:
+            raise DlfaInputError("mixup inference needs an X-Mixup model", option="--translate-test", path=model_dir)
+        model = DLFAModel.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        collator = Collator(tokenizer, task.head)
+        per_language = {}
+        for lang in langs:
+            features = task.featurize(examples[lang], tokenizer, config["max_length"])
+            per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
+                                                   desc=f"eval {lang}")
     metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
     result = {
         "task": task.name,

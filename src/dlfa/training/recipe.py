@@ -365,10 +365,7 @@ class FinetuneRecipe:
         accelerator = self.accelerator
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.model)
-            metrics = evaluate_examples(
-                self.task, model, self.dev_examples, self.dev_features, self.collator, self.config.eval_batch_size,
-                accelerator.device, desc="dev" if self.show_progress else None, autocast_dtype=self._autocast_dtype(),
-            )
+            metrics = self._dev_metrics(model)
             score = metrics[self.task.primary_metric]
             record = {"step": step, "epoch": epoch, "train_loss": train_loss, "dev": metrics, "score": score}
             self.history.append(record)
@@ -382,6 +379,26 @@ class FinetuneRecipe:
                     self.tokenizer.save_pretrained(tmp)
         accelerator.wait_for_everyone()
 
+    def _dev_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
+        """English-dev metrics of the model being trained (the selection signal)."""
+        return evaluate_examples(
+            self.task, model, self.dev_examples, self.dev_features, self.collator, self.config.eval_batch_size,
+            self.accelerator.device, desc="dev" if self.show_progress else None, autocast_dtype=self._autocast_dtype(),
+        )
+
+    def _load_best(self) -> torch.nn.Module:
+        return DLFAModel.from_pretrained(self.output_dir / BEST_DIR, device=self.accelerator.device)
+
+    def _language_metrics(self, model: torch.nn.Module, lang: str) -> dict[str, Any]:
+        """Zero-shot metrics of the selected model on one target language."""
+        features = self._features(self.eval_examples[lang], lang, self.task.eval_split,
+                                  f"eval:{self.config.max_eval_examples}")
+        return evaluate_examples(
+            self.task, model, self.eval_examples[lang], features, self.collator, self.config.eval_batch_size,
+            self.accelerator.device, desc=f"eval {lang}" if self.show_progress else None,
+            autocast_dtype=self._autocast_dtype(),
+        )
+
     def _autocast_dtype(self) -> torch.dtype | None:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
 
@@ -392,16 +409,10 @@ class FinetuneRecipe:
         accelerator = self.accelerator
         result: dict[str, Any] = {}
         if accelerator.is_main_process:
-            model = DLFAModel.from_pretrained(self.output_dir / BEST_DIR, device=accelerator.device)
+            model = self._load_best()
             per_language = {}
             for lang in self.languages:
-                features = self._features(self.eval_examples[lang], lang, self.task.eval_split,
-                                          f"eval:{self.config.max_eval_examples}")
-                per_language[lang] = evaluate_examples(
-                    self.task, model, self.eval_examples[lang], features, self.collator, self.config.eval_batch_size,
-                    accelerator.device, desc=f"eval {lang}" if self.show_progress else None,
-                    autocast_dtype=self._autocast_dtype(),
-                )
+                per_language[lang] = self._language_metrics(model, lang)
                 if lang in self.leaky_languages:
                     per_language[lang]["leaky"] = True
                 logger.info("%s %s: %s", self.task.eval_split, lang,
