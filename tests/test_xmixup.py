@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from conftest import build_tiny_tokenizer
 
 from dlfa.cli.main import main
 from dlfa.data.parallel import (
@@ -296,6 +297,29 @@ def test_plain_passes_gradients_and_fusion(tiny_xmixup):
     assert torch.equal(tiny_xmixup(batch["input_ids"], batch["attention_mask"]).logits, plain)  # hooks idle again
 
 
+def test_predict_mixes_features_that_carry_a_source(tiny_xmixup, monkeypatch):
+    tiny_xmixup.eval()
+    features = [{"input_ids": [0, 7, 8, 2], "label": 1, "src_input_ids": [0, 9, 10, 11, 2]},
+                {"input_ids": [0, 12, 2], "label": 0, "src_input_ids": [0, 13, 2]}]
+    collator = ParallelCollator(build_tiny_tokenizer(), "sequence")
+    seen = []
+    original = XMixupModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("src_input_ids"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(XMixupModel, "forward", spy)
+    predicted = predict_xmixup(tiny_xmixup, features, collator)
+    assert len(seen) == 1 and seen[0].tolist() == [[0, 9, 10, 11, 2], [0, 13, 2, 1, 1]]
+    batch = collator(features)
+    with torch.no_grad():
+        assert predicted == original(tiny_xmixup, **model_inputs(batch, "src_")).logits.argmax(-1).tolist()
+    predict_xmixup(tiny_xmixup, [{k: v for k, v in f.items() if not k.startswith("src_")} for f in features],
+                   collator)
+    assert seen[-1] is None  # no source: the target alone
+
+
 def test_other_blocks_are_refused_in_one_line():
     from transformers import DistilBertConfig, DistilBertModel, XLMRobertaConfig, XLMRobertaModel
 
@@ -421,6 +445,8 @@ def test_pair_objective_by_hand():
     assert losses.kl.item() == pytest.approx(sum(kl(source[i].tolist(), target[i].tolist()) for i in range(2)) / 2,
                                              rel=1e-5)
     assert keras_kl(source, source).abs().max().item() < 1e-6
+    # Both distributions are clipped: y = (1, 9e-14, 9e-14) and p = (1, 9e-14, 9e-27) give exactly 0, not 3e-12.
+    assert keras_kl(torch.tensor([[30.0, 0.0, 0.0]]), torch.tensor([[30.0, 0.0, -30.0]])).item() == 0.0
     # KL(source || target), not the reverse.
     assert keras_kl(source, target).tolist() != pytest.approx(keras_kl(target, source).tolist(), rel=1e-3)
 
