@@ -259,7 +259,7 @@ def test_mixing_happens_inside_the_block_before_its_feed_forward(tiny_xmixup):
         a_t = block.attention(embed_t, add_t)[0]
         a_s = block.attention(embed_s, add_s)[0]
         mixed, stats = mix_in_block(block.attention, a_t, mask, a_s, batch["src_attention_mask"],
-                                    tiny_xmixup.ratios["1"])
+                                    tiny_xmixup.ratios["1"], tiny_xmixup.xmixup_config.entropy)
         expected = block.feed_forward_chunk(mixed)
     real = mask.bool()
     assert torch.allclose(target_out[real], expected[real], atol=1e-5)
@@ -579,7 +579,7 @@ def test_sentence_translations_and_translate_test_lookup(tmp_path):
 
 
 def test_options_validation():
-    assert XMixupOptions().xmixup_entropy == "masked"
+    assert XMixupOptions().xmixup_entropy == "authors"
     assert XMixupOptions(xmixup_back_translation=["de=a.tsv"]).back_translation_files == {"de": "a.tsv"}
     for kwargs, option in [({"xmixup_entropy": "exact"}, "--xmixup-entropy"),
                            ({"xmixup_back_translation": ["a.tsv"]}, "--xmixup-back-translation"),
@@ -702,7 +702,7 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     de = task.read(tiny_xnli_dir, "de", "test")
     en = task.read(tiny_xnli_dir, "en", "test")
     features = evaluation_features(task, de, en, recipe.tokenizer, 128)
-    collator = ParallelCollator(recipe.tokenizer, "sequence")
+    collator = ParallelCollator(recipe.tokenizer, "sequence", pad_to=128)  # the authors' entropy: 128-token rows
     batch = collator(features)
     with torch.no_grad():
         both = model(**model_inputs(batch, "src_"))
@@ -730,15 +730,17 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     assert [mixed["languages"][x]["inference"] for x in ("de", "fr")] == ["mixup", "target-only"]
 
 
-def test_authors_entropy_pads_every_row_to_max_length(tiny_model_dir, tiny_xnli_dir, tmp_path):
+@pytest.mark.parametrize("entropy", ["authors", "masked"])
+def test_authors_entropy_pads_every_row_to_max_length(tiny_model_dir, tiny_xnli_dir, tmp_path, entropy):
     recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", max_length=40),
-                          options=XMixupOptions(xmixup_entropy="authors"), show_progress=False)
+                          options=XMixupOptions(xmixup_entropy=entropy), show_progress=False)
     try:
         recipe.setup()
         batch = next(iter(recipe.loader))
-        assert batch["input_ids"].shape[1] == batch["src_input_ids"].shape[1] == 40
+        lengths = {batch["input_ids"].shape[1], batch["src_input_ids"].shape[1]}
+        assert lengths == {40} if entropy == "authors" else max(lengths) < 40  # masked: dynamic padding
         model = recipe.accelerator.unwrap_model(recipe.model)
-        assert model.xmixup_config.entropy == "authors"
+        assert model.xmixup_config.entropy == entropy
     finally:
         recipe.cleanup()
 

@@ -20,12 +20,13 @@ attention-output LayerNorm and dropouts (the authors call ``BertSelfOutput`` wit
 feed-forward sub-layer then runs on ``a_t'`` and the target pass continues. Several mixing blocks mix in turn,
 each with the source's ``a_s`` of the same block.
 
-H per direction (``entropy="authors"``, their ``get_attention_entropy``): for each attention row the cross-entropy
-between the masked softmax and the softmax of ``scores * key_mask`` (padding logits set to 0, so padding keys enter
-the normaliser), averaged over heads and over every query row, padding rows included. With the authors' fixed
-128-token padding that is a function of the sentence and the padding length. ``entropy="masked"`` (dlfa's default
-under dynamic padding) is the exact masked entropy: softmax and entropy over real keys, average over real queries,
-so a sentence's lambda does not depend on how much padding its batch has.
+H per direction (``entropy="authors"``, the default; their ``get_attention_entropy``): for each attention row the
+cross-entropy between the masked softmax and the softmax of ``scores * key_mask`` (padding logits set to 0, so
+padding keys enter the normaliser), averaged over heads and over every query row, padding rows included. It depends
+on the padding, so X-Mixup pads every row to ``max_length`` as the authors do (128), which makes it a function of the
+sentence pair. ``entropy="masked"`` is the exact masked entropy (softmax and entropy over real keys, average over
+real queries): independent of padding, so batches can be padded dynamically, but a different lambda (docs/xmixup.md
+gives the measured difference).
 
 Tagging heads pool sub-words as the authors' ``sequence_subword_pooling``: the states of a word's sub-tokens are
 summed into one position (dlfa: the word's labelled sub-token; theirs: its first sub-token), every other position
@@ -85,7 +86,7 @@ MASK_VALUE = -10000.0  # the authors' additive attention mask (exp underflows to
 class XMixupConfig(DictConfig):
     layers: list[int] = field(default_factory=lambda: [1])  # mixing blocks, 1..N (the authors' start_layer + 1)
     lambda_max: float = 0.5  # lambda_0
-    entropy: str = "masked"  # "masked" or "authors" (see the module docstring)
+    entropy: str = "authors"  # "authors" (rows padded to max_length) or "masked" (see the module docstring)
     max_length: int = 128  # tagging MSE representation: sum / (max_length - 2), as the authors' 128-token rows
     operator: str = OPERATOR
 

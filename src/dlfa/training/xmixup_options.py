@@ -29,13 +29,14 @@ class XMixupOptions:
     xmixup_teacher: str | None = field(default=None, metadata={"help": (
         "tagging: a fine-tuned dlfa model folder whose label distributions become the soft labels of target "
         "sentences given without labels (the authors' translate-train-logits)")})
-    xmixup_entropy: Literal["masked", "authors"] = field(default="masked", metadata={"help": (
-        "attention entropy behind lambda: masked (exact, over real tokens; dynamic padding) or authors (their "
-        "formula over every position of rows padded to --max-length)")})
+    xmixup_entropy: Literal["authors", "masked"] = field(default="authors", metadata={"help": (
+        "attention entropy behind lambda: authors (their formula over every position of rows padded to "
+        "--max-length, as their 128-token features) or masked (the exact entropy over real tokens; batches padded "
+        "dynamically, faster, another lambda)")})
 
     def __post_init__(self) -> None:
-        if self.xmixup_entropy not in ("masked", "authors"):
-            raise DlfaInputError(f"must be masked or authors, got {self.xmixup_entropy!r}", option="--xmixup-entropy")
+        if self.xmixup_entropy not in ("authors", "masked"):
+            raise DlfaInputError(f"must be authors or masked, got {self.xmixup_entropy!r}", option="--xmixup-entropy")
         for name in ("xmixup_translate_test", "xmixup_teacher"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
