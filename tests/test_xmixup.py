@@ -828,6 +828,9 @@ def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir,
     assert main(_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra)) == 130
     assert calls == [2, 4] and not (killed / "metrics.json").exists()
     monkeypatch.setattr(XMixupRecipe, "_checkpoint", original)
+    config = TrainConfig.from_dict(json.loads((killed / "config.json").read_text())["config"])
+    with pytest.raises(DlfaInputError, match="holds a run with other X-Mixup options"):
+        XMixupRecipe(config, options=XMixupOptions(xmixup_entropy="masked"), resume=True).setup()
     assert main([*_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra), "--resume"]) == 0
     assert _comparable(killed) == metrics
 

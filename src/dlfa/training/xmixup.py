@@ -451,6 +451,18 @@ class XMixupRecipe(FinetuneRecipe):
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
+    def _check_output_dir(self) -> None:
+        """As the recipe's, and a resumed run must have the X-Mixup options TrainConfig does not hold yet."""
+        super()._check_output_dir()
+        if self.resume and (self.output_dir / CONFIG_FILE).is_file():
+            try:
+                saved = json.loads((self.output_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("xmixup_options")
+            except (OSError, ValueError, AttributeError):
+                saved = None
+            if saved is not None and saved != self.options.to_dict():
+                raise DlfaInputError(f"{self.output_dir} holds a run with other X-Mixup options; cannot resume it",
+                                     option="--output")
+
     def _read_train_and_dev(self) -> tuple[list, list]:
         cfg = self.config
         validate_xmixup_layers(cfg.xmixup_layers, self.num_layers)
@@ -776,6 +788,7 @@ class XMixupRecipe(FinetuneRecipe):
             path = self.output_dir / CONFIG_FILE
             data = json.loads(path.read_text(encoding="utf-8"))
             data["xmixup"] = self._xmixup_record()
+            data["xmixup_options"] = self.options.to_dict()
             write_json_atomic(path, data)
 
     def _method_fields(self) -> dict[str, Any]:
