@@ -328,6 +328,11 @@ def test_other_blocks_are_refused_in_one_line():
                                              r"encoder is a TransformerBlock") as info:
         XMixupModel(DLFAModel(DLFAConfig(head="sequence", num_labels=3), encoder), XMixupConfig(layers=[1]))
     assert info.value.option == "--model"
+    from dlfa.modeling.modeling_xmixup import check_encoder_type
+
+    with pytest.raises(DlfaInputError, match="this model is a distilbert"):
+        check_encoder_type(encoder.config)  # the recipe's check, before the run folder exists
+    check_encoder_type(XLMRobertaConfig())
     xlmr = XLMRobertaModel(XLMRobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=64), add_pooling_layer=False)
     model = XMixupModel(DLFAModel(DLFAConfig(head="sequence", num_labels=3), xlmr), XMixupConfig(layers=[2])).eval()

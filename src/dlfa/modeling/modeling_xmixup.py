@@ -79,6 +79,7 @@ XMIXUP_WEIGHTS_NAME = "xmixup.safetensors"
 OPERATOR = "in-block"  # marks folders of this implementation (the earlier variant mixed after the block)
 ENTROPY_MODES = ("masked", "authors")
 SUPPORTED_BLOCKS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")  # the encoders built from those blocks
 MASK_VALUE = -10000.0  # the authors' additive attention mask (exp underflows to 0 in float32, as -inf would)
 
 
@@ -107,6 +108,15 @@ def validate_xmixup_layers(layers: Sequence[int], num_layers: int, option: str =
     if bad:
         raise DlfaInputError(f"mixing blocks must be integers in 1..{num_layers} for a {num_layers}-layer encoder, "
                              f"got {bad[0]!r}", option=option)
+
+
+def check_encoder_type(encoder_config: Any) -> None:
+    """The early form of :func:`check_mixing_block`, from the encoder's config alone (before any weights load)."""
+    model_type = getattr(encoder_config, "model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES or getattr(encoder_config, "is_decoder", False):
+        raise DlfaInputError(
+            f"X-Mixup mixes inside BERT-style encoder blocks ({', '.join(SUPPORTED_MODEL_TYPES)} encoders); this "
+            f"model is a {model_type or type(encoder_config).__name__}", option="--model")
 
 
 def check_mixing_block(block: nn.Module, layer: int) -> None:

@@ -65,7 +65,13 @@ from dlfa.errors import DlfaInputError
 from dlfa.evaluation.guard import check_honest_evaluation
 from dlfa.io import write_json_atomic
 from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAModel
-from dlfa.modeling.modeling_xmixup import XMixupConfig, XMixupModel, XMixupOutput, validate_xmixup_layers
+from dlfa.modeling.modeling_xmixup import (
+    XMixupConfig,
+    XMixupModel,
+    XMixupOutput,
+    check_encoder_type,
+    validate_xmixup_layers,
+)
 from dlfa.tasks import get_task
 from dlfa.training.config import TrainConfig
 from dlfa.training.recipe import BEST_DIR, CONFIG_FILE, FinetuneRecipe
@@ -464,8 +470,11 @@ class XMixupRecipe(FinetuneRecipe):
                                      option="--output")
 
     def _read_train_and_dev(self) -> tuple[list, list]:
+        from transformers import AutoConfig
+
         cfg = self.config
         validate_xmixup_layers(cfg.xmixup_layers, self.num_layers)
+        check_encoder_type(AutoConfig.from_pretrained(self.model_path))
         train, dev = super()._read_train_and_dev()
         self.pairs, self.pair_summary, self.pair_files = self._read_pairs(train, dev)
         self.translations = self._read_translate_test()
