@@ -670,16 +670,17 @@ class XMixupRecipe(FinetuneRecipe):
 
     # -- selection and evaluation: mixup inference where a translation exists -------------------------------
 
-    def _eval_collator(self) -> ParallelCollator:
-        return ParallelCollator(self.tokenizer, self.task.head, self._pad_to())
+    def _eval_collator(self, mixup: bool) -> ParallelCollator:
+        # The target alone does not mix: its padding changes nothing, so it is dynamic.
+        return ParallelCollator(self.tokenizer, self.task.head, self._pad_to() if mixup else None)
 
     def _dev_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
         """English dev: mixed with itself when mixup inference is on (a translate-test folder), else target-only."""
+        mixup = self.options.xmixup_translate_test is not None
         if self._dev_cache is None:
-            mixup = self.options.xmixup_translate_test is not None
             self._dev_cache = evaluation_features(self.task, self.dev_examples, self.dev_examples if mixup else None,
                                                   self.tokenizer, self.config.max_length)
-        predictions = predict_xmixup(model, self._dev_cache, self._eval_collator(), self.config.eval_batch_size,
+        predictions = predict_xmixup(model, self._dev_cache, self._eval_collator(mixup), self.config.eval_batch_size,
                                      self.accelerator.device, "dev" if self.show_progress else None,
                                      self._autocast_dtype())
         return self.task.score(self.dev_examples, self._dev_cache, predictions)
@@ -702,7 +703,7 @@ class XMixupRecipe(FinetuneRecipe):
         examples, translations = self.eval_examples[lang], self._translations(lang)
         mode = "target-only" if translations is None else "mixup"
         features = evaluation_features(self.task, examples, translations, self.tokenizer, self.config.max_length)
-        predictions = predict_xmixup(model, features, self._eval_collator(), self.config.eval_batch_size,
+        predictions = predict_xmixup(model, features, self._eval_collator(mode == "mixup"), self.config.eval_batch_size,
                                      self.accelerator.device, f"eval {lang}" if self.show_progress else None,
                                      self._autocast_dtype())
         return {**self.task.score(examples, features, predictions), "inference": mode}
@@ -821,7 +822,6 @@ def evaluate_folder(model_dir: str | Path, task, data_dir: str | Path, examples:
     if translate_test is not None and not Path(translate_test).is_dir():
         raise DlfaInputError("translate-test folder not found", option="--translate-test", path=translate_test)
     pad_to = max_length if model.xmixup_config.entropy == "authors" else None
-    collator = ParallelCollator(tokenizer, task.head, pad_to)
     per_language: dict[str, dict[str, Any]] = {}
     for lang, rows in examples.items():
         translations = None
@@ -833,6 +833,7 @@ def evaluate_folder(model_dir: str | Path, task, data_dir: str | Path, examples:
                 originals = task.read(data_dir, lang, task.eval_split)
                 translations = read_sentence_translations(path, task.name, originals)[: len(rows)]
         features = evaluation_features(task, rows, translations, tokenizer, max_length)
+        collator = ParallelCollator(tokenizer, task.head, pad_to if translations is not None else None)
         predictions = predict_xmixup(model, features, collator, batch_size, desc=f"eval {lang}")
         per_language[lang] = {**task.score(rows, features, predictions),
                               "inference": "mixup" if translations is not None else "target-only"}
