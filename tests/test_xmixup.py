@@ -667,7 +667,9 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     """Every batch is mixed; the source is gold or back-translated by the schedule's draws; languages with a
     translate-test file are scored by mixing with it and averaging the pair's logits."""
     en_rows = (tiny_xnli_dir / "dev-en.tsv").read_text().splitlines()
-    back = {lang: _write(tmp_path / f"bt-{lang}.tsv", [r.split("\t")[:2] for r in en_rows]) for lang in ("de", "fr")}
+    # Back-translations are the English rows marked with the word "gato", so a batch shows which source it used.
+    back = {lang: _write(tmp_path / f"bt-{lang}.tsv", [["gato " + r.split("\t")[0], r.split("\t")[1]]
+                                                       for r in en_rows]) for lang in ("de", "fr")}
     folder = tmp_path / "translate-test"
     folder.mkdir()
     _write(folder / "test-de-en-translated.tsv", [r.split("\t") for r in
@@ -690,6 +692,8 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     assert len(sources) == recipe.total_steps == 5 and all(s is not None for s in sources)  # every batch mixed
     expected = [draw_gold(5, step, 0, gold_probability(step, 5, "inverse_sigmoid", 2.0)) for step in range(5)]
     assert 0 < sum(expected) < 5  # both kinds occur, so a swapped or inverted choice is visible
+    gato = recipe.tokenizer.convert_tokens_to_ids("▁gato")
+    assert [not bool((s == gato).any(dim=1).all()) for s in sources] == expected  # gold where drawn, else BT
     record = metrics["xmixup"]
     assert record["scheduled_sampling"]["active"] is True
     (selection,) = metrics["selection"]["history"]
