@@ -98,10 +98,13 @@ def one_thread():
 @pytest.mark.usefixtures("one_thread")
 def test_xmixup_sweep_rows_sit_next_to_finetuning_rows_in_the_report(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
     parallel = tmp_path / "en-de.tsv"
-    parallel.write_text("a cat sat\tDET NOUN VERB\teine Katze sass\n"
-                        "the dog is on the mat\tDET NOUN AUX ADP DET NOUN\tder Hund ist auf der Matte\n"
-                        "a mat\tDET NOUN\teine Matte\n"
-                        "the cat is a cat\tDET NOUN AUX DET NOUN\tdie Katze ist eine Katze\n", encoding="utf-8")
+    # X-Mixup trains the tagging target against labels: projected tags here (or soft labels, or a teacher).
+    parallel.write_text("a cat sat\tDET NOUN VERB\teine Katze sass\tDET NOUN VERB\n"
+                        "the dog is on the mat\tDET NOUN AUX ADP DET NOUN\tder Hund ist auf der Matte\t"
+                        "DET NOUN AUX ADP DET NOUN\n"
+                        "a mat\tDET NOUN\teine Matte\tDET NOUN\n"
+                        "the cat is a cat\tDET NOUN AUX DET NOUN\tdie Katze ist eine Katze\tDET NOUN AUX DET NOUN\n",
+                        encoding="utf-8")
     out = tmp_path / "sweep"
     common = ["sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir), "--model", str(tiny_model_dir),
               "--layers", "2", "--seeds", "1", "--epochs", "1", "--batch-size", "4", "--languages", "de",

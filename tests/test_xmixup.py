@@ -1,43 +1,57 @@
-"""X-Mixup: the mixer's equations, the entropy, scheduled sampling, the loss terms, gradients, the parallel-data
-readers, the honest-evaluation rules and tiny end-to-end runs through the CLI (also with DLFA fusion and resume)."""
+"""X-Mixup as in the authors' code: the in-block mixing operator, lambda and both entropy directions (hand-computed
+with an independent loop implementation), sub-word pooling, scheduled sampling, the loss terms, mixup inference,
+the data readers, the honest-evaluation rules and tiny end-to-end runs (also with DLFA fusion and resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 
 import pytest
 import torch
+from conftest import build_tiny_tokenizer
 
 from dlfa.cli.main import main
 from dlfa.data.parallel import (
     pair_parallel_files,
     read_parallel_tagging,
     read_parallel_tsv,
+    read_sentence_translations,
     read_translate_train,
+    translate_test_file,
 )
 from dlfa.errors import DlfaInputError
 from dlfa.modeling import load_dlfa_model
 from dlfa.modeling.modeling_dlfa import DLFAConfig, DLFAForSequenceClassification, DLFAForTokenClassification
 from dlfa.modeling.modeling_xmixup import (
-    CrossAttentionMixer,
+    MixingRatio,
     XMixupConfig,
     XMixupModel,
-    masked_softmax_entropy,
+    authors_entropy,
+    masked_entropy,
+    mix_in_block,
+    pair_entropy,
+    subword_pool,
 )
 from dlfa.tasks.xnli import LABEL_ALIASES, NLI_LABELS
 from dlfa.training.config import TrainConfig
 from dlfa.training.xmixup import (
     ParallelCollator,
     XMixupRecipe,
-    auto_schedule_k,
-    draw_mix,
+    attach_soft_labels,
+    draw_gold,
+    evaluation_features,
     featurize_pairs,
-    kl_consistency,
-    mixing_probability,
-    mse_consistency,
-    xmixup_objective,
+    gold_probability,
+    keras_kl,
+    model_inputs,
+    pair_objective,
+    pooled_tagging_features,
+    predict_xmixup,
+    tagging_objective,
+    teacher_soft_labels,
 )
 
 
@@ -50,164 +64,164 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-# -- the mixer -------------------------------------------------------------------------------------------------
+# -- an independent reference: the authors' operator written out with Python loops -----------------------------
 
 
-def _identity_mixer(weight: float, bias: float) -> CrossAttentionMixer:
-    mixer = CrossAttentionMixer(hidden_size=2, num_heads=1, lambda_max=0.5)
+def _linear(weight, bias, x):
+    return [sum(w * xi for w, xi in zip(row, x, strict=True)) + b for row, b in zip(weight, bias, strict=True)]
+
+
+def _softmax(values):
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def _entropy(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def _layer_norm(x, gamma, beta, eps):
+    mean = sum(x) / len(x)
+    var = sum((v - mean) ** 2 for v in x) / len(x)
+    return [(v - mean) / math.sqrt(var + eps) * g + b for v, g, b in zip(x, gamma, beta, strict=True)]
+
+
+def _tolist(linear):
+    return linear.weight.tolist(), linear.bias.tolist()
+
+
+def reference_mix(block, target, source, source_mask, w, b, lambda_0=0.5, mode="masked", target_mask=None):
+    """lambda, H and the mixed states of one sentence by the equations of docs/xmixup.md, with loops."""
+    attention = block.attention
+    heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
+    target_mask = target_mask or [1] * len(target)
+    q = [_linear(*_tolist(attention.self.query), x) for x in target]
+    k = [_linear(*_tolist(attention.self.key), x) for x in source]
+    v = [_linear(*_tolist(attention.self.value), x) for x in source]
+    real_s = [j for j, m in enumerate(source_mask) if m]
+    real_t = [i for i, m in enumerate(target_mask) if m]
+    context = [[0.0] * (heads * size) for _ in target]
+    h_ts, h_st = [], []
+    for h in range(heads):
+        cols = range(h * size, (h + 1) * size)
+        scores = [[sum(q[i][c] * k[j][c] for c in cols) / math.sqrt(size) for j in range(len(source))]
+                  for i in range(len(target))]
+        for i in range(len(target)):
+            p = _softmax([scores[i][j] for j in real_s])
+            for jj, j in enumerate(real_s):
+                for c in cols:
+                    context[i][c] += p[jj] * v[j][c]
+        if mode == "masked":
+            h_ts += [_entropy(_softmax([scores[i][j] for j in real_s])) for i in real_t]
+            h_st += [_entropy(_softmax([scores[i][j] for i in real_t])) for j in real_s]
+        else:  # CE(masked softmax, softmax(scores * mask)) over every row, padding rows included
+            for i in range(len(target)):
+                p = _softmax([scores[i][j] if source_mask[j] else scores[i][j] - 10000 for j in range(len(source))])
+                logq = [math.log(x) for x in _softmax([scores[i][j] * source_mask[j] for j in range(len(source))])]
+                h_ts.append(-sum(a * c for a, c in zip(p, logq, strict=True)))
+            for j in range(len(source)):
+                p = _softmax([scores[i][j] if target_mask[i] else scores[i][j] - 10000 for i in range(len(target))])
+                logq = [math.log(x) for x in _softmax([scores[i][j] * target_mask[i] for i in range(len(target))])]
+                h_st.append(-sum(a * c for a, c in zip(p, logq, strict=True)))
+    entropy_ts, entropy_st = sum(h_ts) / len(h_ts), sum(h_st) / len(h_st)
+    entropy = entropy_ts + entropy_st
+    lam = lambda_0 / (1 + math.exp(-(w * entropy + b)))
+    out = attention.output
+    mixed = []
+    for i, x in enumerate(target):
+        o = _linear(*_tolist(out.dense), context[i])
+        mixed.append(_layer_norm([lam * a + (1 - lam) * t for a, t in zip(o, x, strict=True)],
+                                 out.LayerNorm.weight.tolist(), out.LayerNorm.bias.tolist(), out.LayerNorm.eps))
+    return {"lambda": lam, "entropy": entropy, "entropy_ts": entropy_ts, "entropy_st": entropy_st, "mixed": mixed}
+
+
+def _bert_block(hidden=4, heads=2, seed=3):
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    torch.manual_seed(seed)
+    block = BertLayer(BertConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=8,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
     with torch.no_grad():
-        for linear in (mixer.query, mixer.key, mixer.value, mixer.output):
-            linear.weight.copy_(torch.eye(2))
-            linear.bias.zero_()
-        mixer.entropy_dense.weight.fill_(weight)
-        mixer.entropy_dense.bias.fill_(bias)
-    return mixer
+        for param in block.parameters():
+            param.normal_(0.0, 0.7)  # far from uniform attention, so that every term matters
+    return block
 
 
-def test_mixing_equation_and_lambda_by_hand():
-    t = [1.0, 0.5]
-    s = [[2.0, 0.0], [0.0, 1.0]]
-    mixer = _identity_mixer(weight=0.7, bias=-0.3)
-    mixed, stats = mixer(torch.tensor([[t]]), torch.ones(1, 1), torch.tensor([s]), torch.ones(1, 2))
+def test_in_block_operator_lambda_and_entropy_by_hand():
+    block = _bert_block()
+    torch.manual_seed(4)
+    target, source = torch.randn(1, 3, 4), torch.randn(1, 4, 4)
+    source_mask = [1, 1, 1, 0]  # a padding key must take no attention
+    ratio = MixingRatio(0.5)
+    with torch.no_grad():
+        ratio.entropy_dense.weight.fill_(0.7)
+        ratio.entropy_dense.bias.fill_(-0.3)
+    mixed, stats = mix_in_block(block.attention, target, torch.ones(1, 3), source, torch.tensor([source_mask]), ratio)
+    expected = reference_mix(block, target[0].tolist(), source[0].tolist(), source_mask, 0.7, -0.3)
 
-    scores = [(t[0] * k[0] + t[1] * k[1]) / math.sqrt(2) for k in s]
-    z = sum(math.exp(x) for x in scores)
-    p = [math.exp(x) / z for x in scores]
-    attended = [p[0] * s[0][d] + p[1] * s[1][d] for d in range(2)]
-    # target->source: one row over two keys; source->target: two rows over one key (entropy 0 each).
-    entropy = -sum(pi * math.log(pi) for pi in p) + 0.0
-    lam = 0.5 / (1 + math.exp(-(0.7 * entropy - 0.3)))
-    expected = [lam * attended[d] + (1 - lam) * t[d] for d in range(2)]
-
-    assert stats.entropy.item() == pytest.approx(entropy, rel=1e-5)
-    assert stats.lam.item() == pytest.approx(lam, rel=1e-5)
-    assert mixed[0, 0].tolist() == pytest.approx(expected, rel=1e-5)
-    assert stats.attention[0, 0, 0].tolist() == pytest.approx(p, rel=1e-5)
-
-
-def test_lambda_starts_as_half_sigmoid_of_entropy_and_stays_below_lambda_max():
-    mixer = CrossAttentionMixer(hidden_size=8, num_heads=2, lambda_max=0.5)  # authors' init: kernel 1, bias 0
-    entropy = torch.tensor([0.0, 1.0, 3.0, 50.0])
-    assert mixer.mixing_ratio(entropy).tolist() == pytest.approx((0.5 * torch.sigmoid(entropy)).tolist())
-    assert mixer.mixing_ratio(entropy).max() <= 0.5
+    assert stats.entropy.item() == pytest.approx(expected["entropy"], rel=1e-5)
+    assert stats.lam.item() == pytest.approx(expected["lambda"], rel=1e-5)
+    for row, want in zip(mixed[0].tolist(), expected["mixed"], strict=True):
+        assert row == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # The two directions differ here, so dropping either would change H (and lambda) by a visible amount.
+    assert abs(expected["entropy_ts"] - expected["entropy_st"]) > 0.05 and expected["entropy_st"] > 0.05
 
 
-def test_entropy_excludes_padding_keys_and_padding_queries():
+def test_authors_entropy_by_hand_including_padding_rows():
+    block = _bert_block(seed=5)
+    torch.manual_seed(6)
+    target, source = torch.randn(1, 3, 4), torch.randn(1, 4, 4)
+    target_mask, source_mask = [1, 1, 0], [1, 1, 1, 0]
+    ratio = MixingRatio(0.5)
+    _, stats = mix_in_block(block.attention, target, torch.tensor([target_mask]), source,
+                            torch.tensor([source_mask]), ratio, entropy_mode="authors")
+    expected = reference_mix(block, target[0].tolist(), source[0].tolist(), source_mask, 1.0, 0.0, mode="authors",
+                             target_mask=target_mask)
+    assert stats.entropy.item() == pytest.approx(expected["entropy"], rel=1e-5)
+    assert stats.lam.item() == pytest.approx(0.5 / (1 + math.exp(-expected["entropy"])), rel=1e-6)
+    masked = reference_mix(block, target[0].tolist(), source[0].tolist(), source_mask, 1.0, 0.0,
+                           target_mask=target_mask)
+    assert abs(masked["entropy"] - expected["entropy"]) > 1e-3  # the padding rows and keys do count in theirs
+
+
+def test_pair_entropy_adds_both_directions():
     torch.manual_seed(0)
-    scores = torch.randn(2, 2, 3, 4)  # (batch, heads, queries, keys)
+    scores = torch.randn(2, 3, 4, 5) * 2  # (batch, heads, target, source)
+    t_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    s_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    for mode in ("masked", "authors"):
+        one = masked_entropy(scores, s_mask, t_mask) if mode == "masked" else authors_entropy(scores, s_mask)
+        two = (masked_entropy(scores.transpose(-1, -2), t_mask, s_mask) if mode == "masked"
+               else authors_entropy(scores.transpose(-1, -2), t_mask))
+        assert torch.allclose(pair_entropy(scores, t_mask, s_mask, mode), one + two)
+        assert (two > 0.1).all() and (one - two).abs().min() > 1e-3
+
+
+def test_masked_entropy_by_hand_and_padding_invariant():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 2, 3, 4)
     key_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     query_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    probs, entropy = masked_softmax_entropy(scores, key_mask, query_mask)
-
+    entropy = masked_entropy(scores, key_mask, query_mask)
     for b in range(2):
         keys, queries = int(key_mask[b].sum()), int(query_mask[b].sum())
-        rows = []
-        for h in range(2):
-            for q in range(queries):
-                p = torch.softmax(scores[b, h, q, :keys].double(), dim=-1)
-                rows.append(float(-(p * p.log()).sum()))
+        rows = [_entropy(_softmax(scores[b, h, q, :keys].tolist())) for h in range(2) for q in range(queries)]
         assert entropy[b].item() == pytest.approx(sum(rows) / len(rows), rel=1e-5)
-        assert probs[b, :, :, keys:].abs().max().item() < 1e-12  # no attention on padding keys
-
-    # Whatever sits at padding positions changes nothing.
     noisy = scores.clone()
     noisy[0, :, :, 3] = 100.0
     noisy[0, :, 2, :] = -50.0
-    assert masked_softmax_entropy(noisy, key_mask, query_mask)[1].tolist() == pytest.approx(entropy.tolist())
+    assert masked_entropy(noisy, key_mask, query_mask).tolist() == pytest.approx(entropy.tolist())
 
 
-def test_mixer_keeps_padding_positions_and_is_batch_independent():
-    torch.manual_seed(1)
-    mixer = CrossAttentionMixer(hidden_size=8, num_heads=2)
-    target, source = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
-    alone, stats = mixer(target, torch.ones(1, 3), source, torch.ones(1, 4))
-    # The same sentence padded by two more positions on both sides.
-    padded_t = torch.cat([target, torch.randn(1, 2, 8)], dim=1)
-    padded_s = torch.cat([source, torch.randn(1, 2, 8)], dim=1)
-    mixed, padded_stats = mixer(padded_t, torch.tensor([[1, 1, 1, 0, 0]]), padded_s, torch.tensor([[1, 1, 1, 1, 0, 0]]))
-    assert torch.allclose(mixed[:, :3], alone, atol=1e-6)
-    assert torch.equal(mixed[:, 3:], padded_t[:, 3:])
-    assert padded_stats.lam.item() == pytest.approx(stats.lam.item(), rel=1e-6)
+def test_lambda_is_half_sigmoid_of_entropy_at_the_start():
+    ratio = MixingRatio(0.5)  # the authors' Dense(1): kernel 1, bias 0
+    entropy = torch.tensor([0.0, 1.0, 3.0, 50.0])
+    assert ratio(entropy).tolist() == pytest.approx([0.25, 0.5 / (1 + math.exp(-1)), 0.5 / (1 + math.exp(-3)), 0.5])
 
 
-# -- scheduled sampling ----------------------------------------------------------------------------------------
-
-
-def test_schedule_values():
-    k = 1000.0  # the authors' p_k
-    assert mixing_probability(0, 10_000, "inverse_sigmoid", k) == pytest.approx(1000 / 1001)
-    assert mixing_probability(round(k * math.log(k)), 10_000, "inverse_sigmoid", k) == pytest.approx(0.5, abs=1e-3)
-    assert mixing_probability(20_000, 10_000, "inverse_sigmoid", k) == pytest.approx(k / (k + math.exp(20)))
-    auto = auto_schedule_k(140)
-    assert auto * math.log(auto) == pytest.approx(70, rel=1e-6)
-    assert mixing_probability(70, 140, "inverse_sigmoid") == pytest.approx(0.5, abs=1e-6)
-    values = [mixing_probability(s, 140, "inverse_sigmoid") for s in range(141)]
-    assert values == sorted(values, reverse=True) and values[0] > 0.9 and values[-1] < 0.1
-    assert [mixing_probability(s, 4, "linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
-    assert mixing_probability(99, 4, "constant") == 1.0
-    assert mixing_probability(10**9, 10, "inverse_sigmoid", 2.0) == 0.0  # no overflow
-    # Draws are a pure function of (seed, step, micro-batch) with the scheduled frequency.
-    assert [draw_mix(3, s, 0, 0.5) for s in range(50)] == [draw_mix(3, s, 0, 0.5) for s in range(50)]
-    assert sum(draw_mix(0, s, 0, 0.3) for s in range(4000)) / 4000 == pytest.approx(0.3, abs=0.03)
-
-
-# -- the loss terms --------------------------------------------------------------------------------------------
-
-
-def _fake_output(batch=4, length=5, hidden=6, labels=3, seed=0):
-    from dlfa.modeling.modeling_xmixup import XMixupOutput
-
-    g = torch.Generator().manual_seed(seed)
-    src_logits, trg_logits = torch.randn(batch, labels, generator=g), torch.randn(batch, labels, generator=g)
-    src_feat, trg_feat = torch.randn(batch, length, hidden, generator=g), torch.randn(batch, length, hidden, generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, 3:] = 0
-    return XMixupOutput(logits=(src_logits + trg_logits) / 2, source_logits=src_logits, target_logits=trg_logits,
-                        source_features=src_feat, target_features=trg_feat, source_attention_mask=mask,
-                        target_attention_mask=mask, mixed=True)
-
-
-def test_loss_terms_against_direct_computation():
-    out = _fake_output()
-    labels = torch.tensor([0, 2, 1, 1])
-    losses = xmixup_objective(out, labels, labels, "sequence", alpha=0.4, kl_weight=0.5, mse_weight=2.0)
-
-    def ce(logits):
-        return sum(-torch.log_softmax(logits[i], -1)[labels[i]].item() for i in range(4)) / 4
-
-    p, q = torch.softmax(out.source_logits, -1), torch.softmax(out.target_logits, -1)
-    kl = sum(sum(p[i, c] * math.log(p[i, c] / q[i, c]) for c in range(3)).item() for i in range(4)) / 4
-    cls_s, cls_t = out.source_features[:, 0], out.target_features[:, 0]
-    mse = ((cls_s - cls_t) ** 2).mean(dim=1).mean().item()
-    assert losses.source_task.item() == pytest.approx(ce(out.source_logits), rel=1e-5)
-    assert losses.target_task.item() == pytest.approx(ce(out.target_logits), rel=1e-5)
-    assert losses.task.item() == pytest.approx(0.4 * ce(out.source_logits) + 0.6 * ce(out.target_logits), rel=1e-5)
-    assert losses.kl.item() == pytest.approx(kl, rel=1e-5)
-    assert kl_consistency(out.source_logits, out.source_logits).item() == pytest.approx(0.0, abs=1e-7)
-    assert losses.mse.item() == pytest.approx(mse, rel=1e-5)
-    assert mse_consistency(cls_s, cls_t).item() == pytest.approx(mse, rel=1e-5)
-    assert losses.total.item() == pytest.approx(losses.task.item() + 0.5 * kl + 2.0 * mse, rel=1e-5)
-
-
-def test_tagging_without_target_labels_uses_the_source_loss_only():
-    out = _fake_output()
-    out.source_logits = torch.randn(4, 5, 3)
-    out.target_logits = torch.randn(4, 5, 3)
-    src_labels = torch.tensor([[-100, 0, 1, -100, -100]] + [[-100, 2, 2, 1, -100]] * 3)
-    trg_labels = torch.full((4, 5), -100)
-    losses = xmixup_objective(out, trg_labels, src_labels, "token", alpha=0.8)
-    active = src_labels != -100
-    direct = torch.nn.functional.cross_entropy(out.source_logits[active], src_labels[active])
-    assert losses.target_task is None
-    assert losses.task.item() == pytest.approx(direct.item(), rel=1e-5)
-    assert losses.kl.item() == 0.0
-    mask = out.source_attention_mask.unsqueeze(-1).float()
-    mean_s = (out.source_features * mask).sum(1) / mask.sum(1)
-    mean_t = (out.target_features * mask).sum(1) / mask.sum(1)
-    assert losses.mse.item() == pytest.approx(((mean_s - mean_t) ** 2).mean().item(), rel=1e-5)
-
-
-# -- the model: hooks, gradients, fusion, persistence --------------------------------------------------------
+# -- the operator inside the encoder ---------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -223,120 +237,286 @@ def _pair_batch(seed=0):
     src = torch.randint(5, 40, (3, 9), generator=g)
     mask, src_mask = torch.ones_like(ids), torch.ones_like(src)
     mask[0, 5:], src_mask[1, 6:] = 0, 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2]),
-            "src_input_ids": src, "src_attention_mask": src_mask, "src_labels": torch.tensor([0, 1, 2])}
+    return {"input_ids": ids, "attention_mask": mask, "src_input_ids": src, "src_attention_mask": src_mask}
 
 
-def test_mixers_start_from_the_encoder_attention(tiny_xmixup):
-    layers = tiny_xmixup.model.encoder.encoder.layer
-    assert tiny_xmixup.xmixup_config.init == {"1": "query/key of block 2", "2": "query/key of block 3"}
-    assert torch.equal(tiny_xmixup.mixers["1"].query.weight, layers[1].attention.self.query.weight)
-    assert torch.equal(tiny_xmixup.mixers["2"].key.bias, layers[2].attention.self.key.bias)
-    assert torch.equal(tiny_xmixup.mixers["1"].value.weight, torch.eye(32))
-
-
-def test_gradients_reach_encoder_mixer_and_lambda(tiny_xmixup):
+def test_mixing_happens_inside_the_block_before_its_feed_forward(tiny_xmixup):
+    """Block 1's output in the target pass is FFN(mix(a_t, a_s)) with a_s the source's attention sub-layer output."""
+    tiny_xmixup.eval()
     batch = _pair_batch()
-    out = tiny_xmixup(**batch, mix=True)
-    assert set(out.stats) == {1, 2} and out.mixed
-    losses = xmixup_objective(out, batch["labels"], batch["src_labels"], "sequence", alpha=0.4)
+    encoder = tiny_xmixup.model.encoder
+    block = encoder.encoder.layer[0]
+    seen = {}
+    handle = block.register_forward_hook(lambda m, args, out: seen.setdefault("outputs", []).append(out))
+    out = tiny_xmixup(**batch)
+    handle.remove()
+    source_out, target_out = seen["outputs"]
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        embed_t = encoder.embeddings(input_ids=batch["input_ids"])
+        embed_s = encoder.embeddings(input_ids=batch["src_input_ids"])
+        add_t = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        add_s = (1.0 - batch["src_attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
+        a_t = block.attention(embed_t, add_t)[0]
+        a_s = block.attention(embed_s, add_s)[0]
+        mixed, stats = mix_in_block(block.attention, a_t, mask, a_s, batch["src_attention_mask"],
+                                    tiny_xmixup.ratios["1"], tiny_xmixup.xmixup_config.entropy)
+        expected = block.feed_forward_chunk(mixed)
+    real = mask.bool()
+    assert torch.allclose(target_out[real], expected[real], atol=1e-5)
+    assert torch.allclose(source_out, block.feed_forward_chunk(a_s), atol=1e-5)  # the source block runs plain
+    assert torch.allclose(out.stats[1].lam, stats.lam)
+
+
+def test_plain_passes_gradients_and_fusion(tiny_xmixup):
+    batch = _pair_batch(1)
+    out = tiny_xmixup(**batch)
+    assert set(out.stats) == {1, 2}
+    losses = pair_objective(out, torch.tensor([0, 1, 2]), alpha=0.4)
     losses.total.backward()
     named = dict(tiny_xmixup.named_parameters())
     for name in ("model.dlfa.encoder.embeddings.word_embeddings.weight",
                  "model.dlfa.encoder.encoder.layer.0.output.dense.weight",
+                 "model.dlfa.encoder.encoder.layer.0.attention.self.key.weight",
                  "model.dlfa.fusion.gate.local_branch.down.weight", "model.classifier.out_proj.weight",
-                 "mixers.1.query.weight", "mixers.1.key.weight", "mixers.1.value.weight", "mixers.1.output.weight",
-                 "mixers.1.entropy_dense.weight", "mixers.1.entropy_dense.bias", "mixers.2.entropy_dense.weight"):
+                 "ratios.1.entropy_dense.weight", "ratios.2.entropy_dense.bias"):
         grad = named[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
-
-def test_plain_passes_match_the_wrapped_model_and_fusion_reads_the_mixed_states(tiny_xmixup):
     tiny_xmixup.eval()
-    batch = _pair_batch(1)
     plain = tiny_xmixup.model(batch["input_ids"], batch["attention_mask"]).logits
-    assert torch.equal(tiny_xmixup(batch["input_ids"], batch["attention_mask"]).logits, plain)
-    unmixed = tiny_xmixup(**batch, mix=False)
-    assert torch.allclose(unmixed.target_logits, plain, atol=1e-6) and not unmixed.stats
-
+    alone = tiny_xmixup(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(alone.logits, plain) and not alone.stats  # the target alone is the DLFA model
+    features, _ = tiny_xmixup.model.encode(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(alone.target_rep, features[:, 0])  # the MSE term reads [CLS] (sequence_output[:, 0])
     seen = {}
-    tiny_xmixup.mixers["2"].register_forward_hook(lambda m, a, out: seen.__setitem__("mixed", out[0]))
-    tiny_xmixup.model.fusion.register_forward_hook(lambda m, args, out: seen.__setitem__("lower", args[1]))
-    mixed = tiny_xmixup(**batch, mix=True)
-    assert torch.equal(seen["lower"], seen["mixed"])  # D_2 fuses the mixed output of block 2
+    tiny_xmixup.model.encoder.encoder.layer[1].register_forward_hook(lambda m, a, o: seen.__setitem__("block2", o))
+    tiny_xmixup.model.fusion.register_forward_hook(lambda m, args, o: seen.__setitem__("lower", args[1]))
+    mixed = tiny_xmixup(**batch)
+    assert torch.equal(seen["lower"], seen["block2"])  # D_2 fuses block 2's mixed output
     assert not torch.allclose(mixed.target_logits, plain)
-    # The hooks are idle again afterwards.
-    assert torch.equal(tiny_xmixup(batch["input_ids"], batch["attention_mask"]).logits, plain)
+    # A pair's prediction averages the two logits (the authors' mixup inference).
+    assert torch.allclose(mixed.logits, (mixed.source_logits + mixed.target_logits) / 2)
+    assert torch.equal(tiny_xmixup(batch["input_ids"], batch["attention_mask"]).logits, plain)  # hooks idle again
 
 
-@pytest.mark.parametrize("kind", ["distilbert", "xlm-roberta"])
-def test_other_encoders(kind):
+def test_predict_mixes_features_that_carry_a_source(tiny_xmixup, monkeypatch):
+    tiny_xmixup.eval()
+    features = [{"input_ids": [0, 7, 8, 2], "label": 1, "src_input_ids": [0, 9, 10, 11, 2]},
+                {"input_ids": [0, 12, 2], "label": 0, "src_input_ids": [0, 13, 2]}]
+    collator = ParallelCollator(build_tiny_tokenizer(), "sequence")
+    seen = []
+    original = XMixupModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("src_input_ids"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(XMixupModel, "forward", spy)
+    predicted = predict_xmixup(tiny_xmixup, features, collator)
+    assert len(seen) == 1 and seen[0].tolist() == [[0, 9, 10, 11, 2], [0, 13, 2, 1, 1]]
+    batch = collator(features)
+    with torch.no_grad():
+        assert predicted == original(tiny_xmixup, **model_inputs(batch, "src_")).logits.argmax(-1).tolist()
+    predict_xmixup(tiny_xmixup, [{k: v for k, v in f.items() if not k.startswith("src_")} for f in features],
+                   collator)
+    assert seen[-1] is None  # no source: the target alone
+
+
+def test_other_blocks_are_refused_in_one_line():
     from transformers import DistilBertConfig, DistilBertModel, XLMRobertaConfig, XLMRobertaModel
 
+    encoder = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64))
+    with pytest.raises(DlfaInputError, match=r"X-Mixup mixes inside BERT-style encoder blocks .*block 1 of this "
+                                             r"encoder is a TransformerBlock") as info:
+        XMixupModel(DLFAForSequenceClassification(DLFAConfig(encoder=encoder.config, num_labels=3), encoder),
+                    XMixupConfig(layers=[1]))
+    assert info.value.option == "--model"
+    from dlfa.modeling.modeling_xmixup import check_encoder_type
+
+    with pytest.raises(DlfaInputError, match="this model is a distilbert"):
+        check_encoder_type(encoder.config)  # the recipe's check, before the run folder exists
+    check_encoder_type(XLMRobertaConfig())
+    xlmr = XLMRobertaModel(XLMRobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64), add_pooling_layer=False)
+    model = XMixupModel(DLFAForSequenceClassification(DLFAConfig(encoder=xlmr.config, num_labels=3), xlmr),
+                        XMixupConfig(layers=[2])).eval()
+    ids = torch.randint(3, 50, (2, 6))
+    out = model(ids, torch.ones_like(ids), src_input_ids=ids, src_attention_mask=torch.ones_like(ids))
+    assert set(out.stats) == {2}
+
+
+# -- sub-word pooling (tagging) --------------------------------------------------------------------------------
+
+
+def test_subword_pool_by_hand():
+    features = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    pool_index = torch.tensor([[-1, 1, 1, 3, -1], [-1, 2, 2, 2, -1]])
+    pooled = subword_pool(features, pool_index)
+    expected = torch.zeros_like(features)
+    expected[0, 1] = features[0, 1] + features[0, 2]
+    expected[0, 3] = features[0, 3]
+    expected[1, 2] = features[1, 1] + features[1, 2] + features[1, 3]
+    assert torch.equal(pooled, expected)
+
+
+def test_pooled_tagging_features_match_the_task_and_pool_words(tiny_tokenizer):
+    from dlfa.data.features import TaggedSentence
+    from dlfa.tasks import get_task
+
+    task = get_task("udpos")
+    sentences = [TaggedSentence(["the", "Katzen", "sat", "猫が"], ["DET", "NOUN", "VERB", "NOUN"]),
+                 TaggedSentence(["Hund"] * 9, ["NOUN"] * 9)]
+    for max_length in (64, 10):  # 10: the second sentence is split into windows
+        plain = task.featurize(sentences, tiny_tokenizer, max_length)
+        pooled = pooled_tagging_features(task, sentences, tiny_tokenizer, max_length)
+        assert [f["input_ids"] for f in pooled] == [f["input_ids"] for f in plain]
+        assert [f["labels"] for f in pooled] == [f["labels"] for f in plain]
+        for feature in pooled:
+            encoded = tiny_tokenizer(sentences[feature["sentence_index"]].words, is_split_into_words=True)
+            word_of = {}  # window position -> word, by matching the window's pieces in order
+            body = [p for p, w in enumerate(encoded.word_ids()) if w in set(feature["word_indices"])]
+            for offset, p in enumerate(body, start=1):
+                word_of[offset] = encoded.word_ids()[p]
+            for position, target in enumerate(feature["pool_index"]):
+                if position not in word_of:
+                    assert target == -1  # special tokens are not pooled
+                else:
+                    assert word_of[target] == word_of[position] and feature["labels"][target] != -100
+    first = pooled_tagging_features(task, sentences, tiny_tokenizer, 10, first_window=True)
+    assert [f["sentence_index"] for f in first] == [0, 1]
+
+
+def test_tagging_head_pools_drops_once_and_scales_the_representation(tiny_model_dir):
     torch.manual_seed(0)
-    if kind == "distilbert":
-        encoder = DistilBertModel(DistilBertConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, hidden_dim=64))
-    else:
-        encoder = XLMRobertaModel(XLMRobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3,
-                                                   num_attention_heads=4, intermediate_size=64), add_pooling_layer=False)
-    model = XMixupModel(DLFAForSequenceClassification(DLFAConfig(encoder=encoder.config, num_labels=3, fuse_layer=1),
-                                                      encoder=encoder),
-                        XMixupConfig(layers=[1, 3])).eval()
-    assert model.xmixup_config.init == {"1": "query/key of block 2", "3": "query/key of block 3"}
-    ids, src = torch.randint(3, 50, (2, 6)), torch.randint(3, 50, (2, 8))
-    pair = {"src_input_ids": src, "src_attention_mask": torch.ones_like(src)}
-    mixed = model(ids, torch.ones_like(ids), **pair)
-    plain = model(ids, torch.ones_like(ids), **pair, mix=False)
-    assert sorted(mixed.stats) == [1, 3] and not torch.allclose(mixed.target_logits, plain.target_logits)
-    assert torch.allclose(plain.target_logits, model(ids, torch.ones_like(ids)).logits, atol=1e-6)
+    model = XMixupModel(DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=["a", "b", "c", "d", "e"]),
+                        XMixupConfig(layers=[4], max_length=20)).eval()
+    features = torch.randn(1, 6, 32)
+    pool_index = torch.tensor([[-1, 1, 1, 3, 4, -1]])
+    logits, rep = model.head_outputs(features, pool_index)
+    pooled = torch.zeros_like(features)
+    pooled[0, 1] = features[0, 1] + features[0, 2]
+    pooled[0, 3], pooled[0, 4] = features[0, 3], features[0, 4]
+    assert torch.allclose(logits, model.model.classifier(pooled), atol=1e-6)
+    assert torch.allclose(rep, features[0, 1:5].sum(0, keepdim=True) / 18, atol=1e-6)  # / (max_length - 2)
+    with pytest.raises(ValueError, match="pool_index"):
+        model.head_outputs(features, None)
 
 
-def test_saved_mixer_weights_are_checksummed(tiny_xmixup, tmp_path):
-    """A flipped bit in xmixup.safetensors' tensor data (safetensors checks only the header) is caught."""
+# -- scheduled sampling ----------------------------------------------------------------------------------------
+
+
+def test_schedule_values_and_draws():
+    k = 1000.0  # the authors' p_k
+    assert gold_probability(0, 10_000, "inverse_sigmoid", k) == pytest.approx(1000 / 1001)
+    assert gold_probability(round(k * math.log(k)), 10_000, "inverse_sigmoid", k) == pytest.approx(0.5, abs=1e-3)
+    assert gold_probability(20_000, 10_000, "inverse_sigmoid", k) == pytest.approx(k / (k + math.exp(20)))
+    values = [gold_probability(s, 140, "inverse_sigmoid", 10.0) for s in range(141)]
+    assert values == sorted(values, reverse=True) and values[0] > 0.9 and values[-1] < 0.01  # gold first, then BT
+    assert [gold_probability(s, 4, "linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert gold_probability(99, 4, "constant") == 1.0
+    assert gold_probability(10**9, 10, "inverse_sigmoid", 2.0) == 0.0  # no overflow
+    assert [draw_gold(3, s, 0, 0.5) for s in range(50)] == [draw_gold(3, s, 0, 0.5) for s in range(50)]
+    assert sum(draw_gold(0, s, 0, 0.3) for s in range(4000)) / 4000 == pytest.approx(0.3, abs=0.03)
+    assert all(draw_gold(1, s, 0, 1.0) for s in range(100)) and not any(draw_gold(1, s, 0, 0.0) for s in range(100))
+
+
+# -- the loss terms --------------------------------------------------------------------------------------------
+
+
+def _output(source_logits, target_logits, source_rep, target_rep):
+    from dlfa.modeling.modeling_xmixup import XMixupOutput
+
+    return XMixupOutput(logits=target_logits, target_logits=target_logits, target_rep=target_rep,
+                        source_logits=source_logits, source_rep=source_rep)
+
+
+def test_pair_objective_by_hand():
+    source = torch.tensor([[3.0, 0.0, 0.0], [0.2, -0.1, 0.4]])
+    target = torch.tensor([[-30.0, 0.0, 1.0], [1.0, 0.5, -0.5]])  # p_target(0) ~ 1e-13: keras' clipping matters
+    rep_s, rep_t = torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.tensor([[0.5, 2.5], [1.0, 1.0]])
+    labels = torch.tensor([0, 2])
+    losses = pair_objective(_output(source, target, rep_s, rep_t), labels, alpha=0.4, kl_weight=0.5, mse_weight=2.0)
+
+    def ce(row, label):
+        return -math.log(_softmax(row)[label])
+
+    def kl(y, p):
+        y = [min(max(x, 1e-7), 1.0) for x in _softmax(y)]
+        p = [min(max(x, 1e-7), 1.0) for x in _softmax(p)]
+        return sum(a * math.log(a / b) for a, b in zip(y, p, strict=True))
+
+    per_example = []
+    for i in range(2):
+        task = 0.4 * ce(source[i].tolist(), int(labels[i])) + 0.6 * ce(target[i].tolist(), int(labels[i]))
+        mse = sum((a - b) ** 2 for a, b in zip(rep_s[i].tolist(), rep_t[i].tolist(), strict=True)) / 2
+        per_example.append(task + 0.5 * kl(source[i].tolist(), target[i].tolist()) + 2.0 * mse)
+    assert losses.total.item() == pytest.approx(sum(per_example) / 2, rel=1e-5)
+    assert losses.kl.item() == pytest.approx(sum(kl(source[i].tolist(), target[i].tolist()) for i in range(2)) / 2,
+                                             rel=1e-5)
+    assert keras_kl(source, source).abs().max().item() < 1e-6
+    # Both distributions are clipped: y = (1, 9e-14, 9e-14) and p = (1, 9e-14, 9e-27) give exactly 0, not 3e-12.
+    assert keras_kl(torch.tensor([[30.0, 0.0, 0.0]]), torch.tensor([[30.0, 0.0, -30.0]])).item() == 0.0
+    # KL(source || target), not the reverse.
+    assert keras_kl(source, target).tolist() != pytest.approx(keras_kl(target, source).tolist(), rel=1e-3)
+
+
+def test_tagging_objective_by_hand():
+    torch.manual_seed(0)
+    target_logits, source_logits = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    target_logits[1, 2] = torch.tensor([10.0, 0.0, -20.0])  # p(2) ~ 1e-13: the authors' + 1e-6 matters
+    soft = torch.zeros(2, 4, 3)
+    soft[0, 1] = torch.tensor([0.7, 0.2, 0.1])
+    soft[1, 2] = torch.tensor([0.0, 0.0, 1.0])
+    soft[1, 3] = torch.tensor([0.1, 0.1, 0.1])  # sums to 0.3: not an active row (the authors' > 0.5)
+    source_labels = torch.tensor([[-100, 2, 0, -100], [-100, 1, -100, -100]])
+    rep_s, rep_t = torch.tensor([[1.0, 0.0], [2.0, 2.0]]), torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+    out = _output(source_logits, target_logits, rep_s, rep_t)
+    losses = tagging_objective(out, source_labels, soft, alpha=0.8, mse_weight=1.0)
+
+    soft_terms = []
+    for b, t in ((0, 1), (1, 2)):
+        p = _softmax(target_logits[b, t].tolist())
+        soft_terms.append(-sum(q * math.log(x + 1e-6) for q, x in zip(soft[b, t].tolist(), p, strict=True)))
+    target_task = sum(soft_terms) / 2
+    source_terms = [-math.log(_softmax(source_logits[b, t].tolist())[int(source_labels[b, t])])
+                    for b in range(2) for t in range(4) if source_labels[b, t] != -100]
+    source_task = sum(source_terms) / len(source_terms)
+    mse = ((1.0 + 0.0) / 2 + (1.0 + 1.0) / 2) / 2
+    assert losses.target_task.item() == pytest.approx(target_task, rel=1e-5)
+    assert losses.source_task.item() == pytest.approx(source_task, rel=1e-5)
+    assert losses.total.item() == pytest.approx(0.8 * source_task + 0.2 * target_task + mse, rel=1e-5)
+    assert losses.kl.item() == 0.0
+    back = tagging_objective(out, None, soft, alpha=0.8)  # a back-translated source: the target term alone
+    assert back.source_task is None and back.total.item() == pytest.approx(target_task + mse, rel=1e-5)
+
+
+# -- persistence -------------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip_and_refusals(tiny_xmixup, tmp_path):
     from dlfa.io import read_checksums
 
-    tiny_xmixup.save_pretrained(tmp_path / "m")
-    assert set(read_checksums(tmp_path / "m" / "checksums.json")) == {"model.safetensors", "xmixup.safetensors"}
-    weights = tmp_path / "m" / "xmixup.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-3] ^= 0x10
-    weights.write_bytes(bytes(data))
-    with pytest.raises(DlfaInputError, match="does not match its sha256") as info:
-        XMixupModel.from_pretrained(tmp_path / "m")
-    assert info.value.path == str(weights)
-
-
-def test_save_and_load_round_trip(tiny_xmixup, tmp_path):
-    from dlfa.training.xmixup import predict_with_translation
-
     with torch.no_grad():
-        tiny_xmixup.mixers["1"].entropy_dense.bias.fill_(0.25)
+        tiny_xmixup.ratios["1"].entropy_dense.bias.fill_(0.25)
     tiny_xmixup.save_pretrained(tmp_path / "m")
     again = XMixupModel.from_pretrained(tmp_path / "m")
     for name, tensor in tiny_xmixup.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
-    assert again.xmixup_config.init == tiny_xmixup.xmixup_config.init
-    plain = load_dlfa_model(tmp_path / "m")  # the recipe's evaluation reads the folder as before
-    assert plain.config.fuse_layer == 2
+    assert again.xmixup_config == tiny_xmixup.xmixup_config
+    assert load_dlfa_model(tmp_path / "m").config.fuse_layer == 2
+    assert set(read_checksums(tmp_path / "m" / "checksums.json")) == {"model.safetensors", "xmixup.safetensors"}
 
-    # Inference with a source translation: the pair is mixed and the two logits averaged.
-    from conftest import build_tiny_tokenizer
-
-    from dlfa.data.parallel import ParallelPair
-    from dlfa.tasks import get_task
-    from dlfa.tasks.base import SentencePair
-
-    task = get_task("xnli")
-    pairs = [ParallelPair(SentencePair("the cat", "a cat", "entailment"), SentencePair("le chat", "el gato",
-                                                                                          "entailment"), "fr", "x:1")]
-    tokenizer = build_tiny_tokenizer()
-    features = featurize_pairs(task, pairs * 3, tokenizer, 32)
-    predicted = predict_with_translation(again, features, ParallelCollator(tokenizer, "sequence"), batch_size=2)
-    batch = ParallelCollator(tokenizer, "sequence")(features[:1])
-    batch.pop("labels"), batch.pop("src_labels")
-    again.eval()
-    expected = int(again(**batch).logits.argmax(-1))
-    assert predicted == [expected] * 3
+    weights = tmp_path / "m" / "xmixup.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DlfaInputError, match="does not match its sha256"):
+        XMixupModel.from_pretrained(tmp_path / "m")
+    config = tmp_path / "m" / "xmixup_config.json"
+    config.write_text(json.dumps({"layers": [1], "num_heads": 4}))  # a folder of the earlier variant
+    with pytest.raises(DlfaInputError, match="earlier X-Mixup variant"):
+        XMixupModel.from_pretrained(tmp_path / "m")
 
 
 # -- parallel-data readers -------------------------------------------------------------------------------------
@@ -357,8 +537,6 @@ def test_parallel_tsv_reader(tmp_path):
     assert [p.source.label for p in pairs] == ["entailment", "contradiction"]
     assert pairs[0].target.text_a == "die Katze" and pairs[0].language == "de"
     assert pairs[1].origin.endswith("en-de-translated.tsv:3")
-    pawsx = read_translate_train(_write(tmp_path / "p.tsv", [["a", "b", "c", "d", "1"]]), "pawsx", "fr")
-    assert pawsx[0].target.label == "1" and pawsx[0].language == "fr"
 
 
 @pytest.mark.parametrize("rows,expected", [
@@ -377,52 +555,58 @@ def test_line_parallel_files(tmp_path):
     de = _write(tmp_path / "dev-de.tsv", [["die Katze", "eine Katze", "entailment"], ["der Hund", "x", "contradiction"]])
     pairs = pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES, "de")
     assert [(p.source.text_a, p.target.text_a) for p in pairs] == [("the cat", "die Katze"), ("the dog", "der Hund")]
-
     _write(de, [["die Katze", "eine Katze", "entailment"], ["der Hund", "x", "neutral"]])
-    with pytest.raises(DlfaInputError, match=r"dev-de.tsv:2: label 'neutral' differs from 'contradiction' at .*dev-en.tsv:2"):
+    with pytest.raises(DlfaInputError, match=r"dev-de.tsv:2: label 'neutral' differs from 'contradiction'"):
         pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES)
     _write(de, [["die Katze", "eine Katze", "entailment"]])
     with pytest.raises(DlfaInputError, match=r"dev-en.tsv:2: the files are not line-parallel: 2 rows"):
         pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES)
-    _write(de, [["die Katze", "entailment"]])
-    with pytest.raises(DlfaInputError, match=r"dev-de.tsv:1: expected 3 tab-separated columns"):
-        pair_parallel_files(en, de, NLI_LABELS, LABEL_ALIASES)
 
 
-def test_pawsx_release_files_are_joined_by_id(tmp_path):
-    from dlfa.tasks.pawsx import PAWSX_LABELS
+def test_sentence_translations_and_translate_test_lookup(tmp_path):
+    from dlfa.data.features import TaggedSentence
+    from dlfa.tasks.base import SentencePair
 
-    header = ["id", "sentence1", "sentence2", "label"]
-    en = _write(tmp_path / "train.tsv", [header, ["1", "a", "b", "0"], ["2", "c", "d", "1"], ["3", "e", "f", "1"]])
-    de = _write(tmp_path / "translated_train.tsv", [header, ["3", "E", "F", "1"], ["1", "A", "B", "0"]])
-    pairs = pair_parallel_files(en, de, PAWSX_LABELS, None, "de")
-    assert [(p.source.text_a, p.target.text_a) for p in pairs] == [("e", "E"), ("a", "A")]
-    _write(de, [header, ["9", "X", "Y", "1"]])
-    with pytest.raises(DlfaInputError, match=r"translated_train.tsv:2: id '9' has no row"):
-        pair_parallel_files(en, de, PAWSX_LABELS)
+    originals = [SentencePair("a", "b", "entailment"), SentencePair("c", "d", "neutral")]
+    path = _write(tmp_path / "test-de-en-translated.tsv", [["A", "B", "entailment"], ["C", "D", "neutral"]])
+    assert read_sentence_translations(path, "xnli", originals) == [SentencePair("A", "B", "entailment"),
+                                                                   SentencePair("C", "D", "neutral")]
+    two = _write(tmp_path / "two.tsv", [["A", "B"], ["C", "D"]])
+    assert [t.label for t in read_sentence_translations(two, "xnli", originals)] == ["entailment", "neutral"]
+    _write(path, [["A", "B", "entailment"], ["C", "D", "contradiction"]])
+    with pytest.raises(DlfaInputError, match=r"test-de-en-translated.tsv:2: label 'contradiction' differs"):
+        read_sentence_translations(path, "xnli", originals)
+    with pytest.raises(DlfaInputError, match="1 translations for 2 examples"):
+        read_sentence_translations(_write(tmp_path / "one.tsv", [["A", "B"]]), "xnli", originals)
+    tagged = _write(tmp_path / "tagged.txt", [["the cat sat"]])
+    (sentence,) = read_sentence_translations(tagged, "udpos", [TaggedSentence(["x"], ["NOUN"])])
+    assert sentence.words == ["the", "cat", "sat"]
+    assert translate_test_file(tmp_path, "de", "test").name == "test-de-en-translated.tsv"
+    _write(tmp_path / "de.tsv", [["x", "y"]])
+    with pytest.raises(DlfaInputError, match="several translate-test files for 'de'"):
+        translate_test_file(tmp_path, "de", "test")
+    assert translate_test_file(tmp_path, "fr", "test") is None
 
 
-# -- configuration ---------------------------------------------------------------------------------------------
+def test_options_validation(tmp_path):
+    base = {"task": "xnli", "data_dir": "d", "output_dir": "o", "method": "xmixup", "xmixup_parallel": ["de"]}
+    from dlfa.training.xmixup import back_translation_files, resolve_xmixup_defaults
 
+    config = TrainConfig(**base, xmixup_back_translation=["de=a.tsv"])
+    assert resolve_xmixup_defaults(config, "sequence").xmixup_entropy == "authors"
 
-def test_config_validation():
-    required = {"task": "udpos", "data_dir": "d", "output_dir": "o"}
-    assert TrainConfig.from_dict(required).method == "finetune"  # configs saved before methods existed read as before
-    assert TrainConfig(**required, method="xmixup", xmixup_parallel=["de"]).to_dict()["xmixup_parallel"] == ["de"]
-    for kwargs, option in [
-        ({"xmixup_alpha": 0.5}, "--xmixup-alpha: is an X-Mixup option"),
-        ({"method": "xmixup"}, "--xmixup-parallel"),
-        ({"method": "mixup"}, "--method"),
-        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_alpha": 1.5}, "--xmixup-alpha"),
-        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_layers": [0]}, "--xmixup-layers"),
-        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_schedule": "cosine"}, "--xmixup-schedule"),
-        ({"method": "xmixup", "xmixup_parallel": ["de"], "xmixup_lambda_max": 0}, "--xmixup-lambda-max"),
-    ]:
+    assert back_translation_files(config) == {"de": "a.tsv"}
+    for kwargs, option in [({"xmixup_entropy": "exact"}, "--xmixup-entropy"),
+                           ({"xmixup_back_translation": ["a.tsv"]}, "--xmixup-back-translation"),
+                           ({"xmixup_back_translation": ["de=a", "de=b"]}, "--xmixup-back-translation"),
+                           ({"xmixup_translate_test": " "}, "--xmixup-translate-test")]:
         with pytest.raises(DlfaInputError, match=option):
-            TrainConfig(**required, **kwargs)
+            TrainConfig(**base, **kwargs)
+    with pytest.raises(DlfaInputError, match="--xmixup-teacher: is an X-Mixup option"):
+        TrainConfig(task="udpos", data_dir="d", output_dir="o", xmixup_teacher="t")
 
 
-# -- end to end ------------------------------------------------------------------------------------------------
+# -- end to end: XNLI-shaped pairs --------------------------------------------------------------------------------
 
 EN = [("the cat sat on the mat", "a cat is on a mat", "entailment"),
       ("the dog sat on the mat", "a cat is on a mat", "contradiction"),
@@ -452,52 +636,149 @@ def _xmixup_args(model_dir, data_dir, out, *extra):
             *extra]
 
 
+def _config(model_dir, data_dir, out, **extra):
+    return TrainConfig.from_dict({"task": "xnli", "model": str(model_dir), "data_dir": str(data_dir),
+                                  "output_dir": str(out), "train_split": "dev", "dev_split": "dev", "epochs": 1,
+                                  "batch_size": 8, "learning_rate": 1e-3, "languages": ["de", "en", "fr"],
+                                  "seed": 5, "method": "xmixup", "xmixup_parallel": ["de", "fr"], **extra})
+
+
 def _comparable(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("train_seconds")
     return metrics
 
 
-def test_train_and_evaluate_end_to_end(tiny_model_dir, tiny_xnli_dir, tmp_path):
+def test_train_and_evaluate_end_to_end_target_only(tiny_model_dir, tiny_xnli_dir, tmp_path):
     out = tmp_path / "run"
     assert main(_xmixup_args(tiny_model_dir, tiny_xnli_dir, out, "--eval-every", "2")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "xmixup" and metrics["fuse_layer"] is None
     record = metrics["xmixup"]
-    # 20 English dev examples: 2 held out for selection, their translations left out of the pairs.
     assert record["pairs"]["de"] == {"read": 20, "selection": 2, "not_in_training_examples": 0, "evaluation": 0,
                                      "kept": 18}
-    assert record["pairs"]["fr"]["kept"] == 18
-    assert record["layers"] == [1] and record["alpha"] == 0.4 and record["schedule"] == "inverse_sigmoid"
+    assert record["layers"] == [1] and record["alpha"] == 0.4 and record["scheduled_sampling"]["k"] == 1000.0
+    assert record["scheduled_sampling"]["active"] is False  # no back-translations: every batch uses the gold source
+    assert record["inference"] == {"translate_test": None, "mixup": [], "target_only": ["de", "en"],
+                                   "selection": "target-only"}
+    assert {metrics["languages"][lang]["inference"] for lang in ("de", "en")} == {"target-only"}
     history = metrics["selection"]["history"]
     assert [h["step"] for h in history] == [2, 4, 5]  # 36 pairs / 8 per batch
-    assert all(0 <= h["xmixup"]["mixed_fraction"] <= 1 for h in history)
-    assert metrics["selection"]["held_out_from_training_file"] is True
+    assert all(h["xmixup"]["gold_fraction"] == 1.0 and 0 < h["xmixup"]["lambda"] < 0.5 for h in history)
     for name in ("best/model.safetensors", "best/xmixup.safetensors", "best/xmixup_config.json", "config.json"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "config.json").read_text())["xmixup"]["pairs"]["de"]["kept"] == 18
-    assert not (out / "checkpoint").exists()
-
     assert main(["evaluate", "--run", str(out), "--output", str(tmp_path / "eval.json")]) == 0
     again = json.loads((tmp_path / "eval.json").read_text())
     for lang in ("de", "en"):
         assert again["languages"][lang]["accuracy"] == pytest.approx(metrics["languages"][lang]["accuracy"])
+        assert again["languages"][lang]["inference"] == "target-only"
 
 
-def test_held_out_examples_and_their_translations_are_not_trained_on(tiny_model_dir, tiny_xnli_dir, tmp_path):
-    config = TrainConfig.from_dict({"task": "xnli", "model": str(tiny_model_dir), "data_dir": str(tiny_xnli_dir),
-                                    "output_dir": str(tmp_path / "r"), "train_split": "dev", "dev_split": "dev",
-                                    "method": "xmixup", "xmixup_parallel": ["de"], "languages": ["de"]})
+def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir, tiny_xnli_dir, tmp_path,
+                                                                  monkeypatch):
+    """Every batch is mixed; the source is gold or back-translated by the schedule's draws; languages with a
+    translate-test file are scored by mixing with it and averaging the pair's logits."""
+    en_rows = (tiny_xnli_dir / "dev-en.tsv").read_text().splitlines()
+    # Back-translations are the English rows marked with the word "gato", so a batch shows which source it used.
+    back = {lang: _write(tmp_path / f"bt-{lang}.tsv", [["gato " + r.split("\t")[0], r.split("\t")[1]]
+                                                       for r in en_rows]) for lang in ("de", "fr")}
+    folder = tmp_path / "translate-test"
+    folder.mkdir()
+    _write(folder / "test-de-en-translated.tsv", [r.split("\t") for r in
+                                                  (tiny_xnli_dir / "test-en.tsv").read_text().splitlines()])
+    options = {"xmixup_back_translation": [f"{k}={v}" for k, v in back.items()], "xmixup_translate_test": str(folder)}
+    sources = []
+    original = XMixupModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            sources.append(kwargs.get("src_input_ids"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(XMixupModel, "forward", spy)
+    out = tmp_path / "run"
+    recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, out, xmixup_schedule_k=2.0, **options),
+                          show_progress=False)
+    metrics = recipe.run()
+    assert len(sources) == recipe.total_steps == 5 and all(s is not None for s in sources)  # every batch mixed
+    expected = [draw_gold(5, step, 0, gold_probability(step, 5, "inverse_sigmoid", 2.0)) for step in range(5)]
+    assert 0 < sum(expected) < 5  # both kinds occur, so a swapped or inverted choice is visible
+    gato = recipe.tokenizer.convert_tokens_to_ids("▁gato")
+    assert [not bool((s == gato).any(dim=1).all()) for s in sources] == expected  # gold where drawn, else BT
+    record = metrics["xmixup"]
+    assert record["scheduled_sampling"]["active"] is True
+    (selection,) = metrics["selection"]["history"]
+    assert selection["xmixup"]["gold_fraction"] == pytest.approx(sum(expected) / 5)
+    assert record["inference"]["mixup"] == ["de", "en"] and record["inference"]["target_only"] == ["fr"]
+    assert record["inference"]["selection"] == "mixup (English with itself)"
+    assert [metrics["languages"][lang]["inference"] for lang in ("de", "en", "fr")] == ["mixup", "mixup", "target-only"]
+
+    # The scores are those of mixing each German test pair with its English translation and averaging logits.
+    monkeypatch.setattr(XMixupModel, "forward", original)
+    model = XMixupModel.from_pretrained(out / "best").eval()
+    from dlfa.tasks import get_task
+
+    task = get_task("xnli")
+    de = task.read(tiny_xnli_dir, "de", "test")
+    en = task.read(tiny_xnli_dir, "en", "test")
+    features = evaluation_features(task, de, en, recipe.tokenizer, 128)
+    collator = ParallelCollator(recipe.tokenizer, "sequence", pad_to=128)  # the authors' entropy: 128-token rows
+    batch = collator(features)
+    with torch.no_grad():
+        both = model(**model_inputs(batch, "src_"))
+        alone = model(**model_inputs(batch, None))
+    expected_accuracy = 100 * sum(int(p) == task.label_to_id[e.label] for p, e in
+                                  zip(both.logits.argmax(-1).tolist(), de, strict=True)) / len(de)
+    assert metrics["languages"]["de"]["accuracy"] == pytest.approx(expected_accuracy)
+    assert torch.allclose(both.logits, (both.source_logits + both.target_logits) / 2)
+    # English is mixed with itself (the authors' English test).
+    en_features = evaluation_features(task, en, en, recipe.tokenizer, 128)
+    with torch.no_grad():
+        en_logits = model(**model_inputs(collator(en_features), "src_")).logits
+    en_accuracy = 100 * sum(int(p) == task.label_to_id[e.label] for p, e in
+                            zip(en_logits.argmax(-1).tolist(), en, strict=True)) / len(en)
+    assert metrics["languages"]["en"]["accuracy"] == pytest.approx(en_accuracy)
+    assert not torch.allclose(both.target_logits, alone.logits)
+    assert predict_xmixup(model, features, collator) == both.logits.argmax(-1).tolist()
+
+    assert main(["evaluate", "--run", str(out), "--languages", "de", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["languages"]["de"]["inference"] == "target-only"
+    from dlfa.configs import EvaluateConfig
+    from dlfa.evaluation.run_eval import evaluate_run
+
+    mixed = evaluate_run(EvaluateConfig(run=str(out), languages=["de", "fr"], translate_test=str(folder)))
+    assert mixed["languages"]["de"]["accuracy"] == pytest.approx(metrics["languages"]["de"]["accuracy"])
+    assert [mixed["languages"][x]["inference"] for x in ("de", "fr")] == ["mixup", "target-only"]
+
+
+@pytest.mark.parametrize("entropy", ["authors", "masked"])
+def test_authors_entropy_pads_every_row_to_max_length(tiny_model_dir, tiny_xnli_dir, tmp_path, entropy):
+    recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", max_length=40, xmixup_entropy=entropy),
+                          show_progress=False)
+    try:
+        recipe.setup()
+        batch = next(iter(recipe.loader))
+        lengths = {batch["input_ids"].shape[1], batch["src_input_ids"].shape[1]}
+        assert lengths == {40} if entropy == "authors" else max(lengths) < 40  # masked: dynamic padding
+        model = recipe.accelerator.unwrap_model(recipe.model)
+        assert model.xmixup_config.entropy == entropy
+    finally:
+        recipe.cleanup()
+
+
+def test_english_self_pairs_and_held_out_examples(tiny_model_dir, tiny_xnli_dir, tmp_path):
+    config = _config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", xmixup_parallel=["en", "de"], languages=["de"])
     recipe = XMixupRecipe(config, show_progress=False)
     try:
         recipe.setup()
         english = [(e.text_a, e.text_b) for e in recipe.task.read(tiny_xnli_dir, "en", "dev")]
         german = [(e.text_a, e.text_b) for e in recipe.task.read(tiny_xnli_dir, "de", "dev")]
         held_out = {english.index((e.text_a, e.text_b)) for e in recipe.dev_examples}
-        trained_sources = {english.index((p.source.text_a, p.source.text_b)) for p in recipe.pairs}
-        trained_targets = {german.index((p.target.text_a, p.target.text_b)) for p in recipe.pairs}
-        assert len(held_out) == 2 and not held_out & trained_sources and not held_out & trained_targets
-        assert trained_sources == trained_targets == set(range(20)) - held_out
+        de_pairs = [p for p in recipe.pairs if p.language == "de"]
+        en_pairs = [p for p in recipe.pairs if p.language == "en"]
+        assert len(held_out) == 2 and all(p.source == p.target for p in en_pairs)  # the authors' en -> en pairs
+        assert {english.index((p.source.text_a, p.source.text_b)) for p in en_pairs} == set(range(20)) - held_out
+        assert {german.index((p.target.text_a, p.target.text_b)) for p in de_pairs} == set(range(20)) - held_out
     finally:
         recipe.cleanup()
 
@@ -515,7 +796,6 @@ def test_pairs_overlapping_evaluation_data_are_dropped_and_eval_files_refused(ti
     assert main(args) == 0
     pairs = json.loads((out / "metrics.json").read_text())["xmixup"]["pairs"]["de"]
     assert pairs["evaluation"] == 1 and pairs["kept"] == 1
-
     args[args.index(f"de={parallel}")] = str(tiny_xnli_dir / "test-de.tsv")
     assert main([*args, "--overwrite"]) == 2
     assert "test-de.tsv: is an evaluation file" in capsys.readouterr().err
@@ -523,7 +803,6 @@ def test_pairs_overlapping_evaluation_data_are_dropped_and_eval_files_refused(ti
 
 @pytest.mark.parametrize("extra,expected", [
     (["--xmixup-layers", "5"], "option --xmixup-layers: mixing blocks must be integers in 1..4"),
-    (["--xmixup-parallel", "en"], "'en' is the training language"),
     (["--xmixup-parallel", "ja"], "need exactly one xnli dev file for 'ja'"),
 ])
 def test_bad_xmixup_options(tiny_model_dir, tiny_xnli_dir, tmp_path, capsys, extra, expected):
@@ -533,20 +812,18 @@ def test_bad_xmixup_options(tiny_model_dir, tiny_xnli_dir, tmp_path, capsys, ext
     assert not out.exists()
 
 
-def test_tagging_line_pairing_and_other_recipes_refuse_xmixup(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
-            str(tiny_udpos_dir), "--output", str(out), "--xmixup-parallel", "de"]
-    assert main(args) == 2
-    assert ("option --xmixup-parallel: 'de': udpos files of different languages are not translations of each other"
-            in capsys.readouterr().err)
-    assert not out.exists()
-    from dlfa.training.recipe import FinetuneRecipe
-
-    config = TrainConfig(task="udpos", data_dir=str(tiny_udpos_dir), output_dir=str(tmp_path / "run"), method="xmixup",
-                         xmixup_parallel=["de"])
-    with pytest.raises(DlfaInputError, match="runs method 'finetune', not 'xmixup'"):
-        FinetuneRecipe(config).setup()
+def test_bad_back_translation_and_translate_test_stop_before_writing(tiny_model_dir, tiny_xnli_dir, tmp_path):
+    short = _write(tmp_path / "bt.tsv", [["only", "one"]])
+    for options, message in [
+        ({"xmixup_back_translation": [f"de={short}"]}, "no back-translation for 'fr'"),
+        ({"xmixup_back_translation": [f"de={short}", f"fr={short}"]}, "1 translations for 20 examples"),
+        ({"xmixup_back_translation": [f"ja={short}"]}, "'ja' is not a parallel language"),
+        ({"xmixup_translate_test": str(tmp_path / "missing")}, "translate-test folder not found"),
+    ]:
+        out = tmp_path / "run"
+        with pytest.raises(DlfaInputError, match=message):
+            XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, out, **options), show_progress=False).run()
+        assert not out.exists()
 
 
 def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir, tmp_path, monkeypatch):
@@ -557,13 +834,8 @@ def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir,
     metrics = _comparable(reference)
     assert metrics["method"] == "xmixup" and metrics["fuse_layer"] == 2 and metrics["xmixup"]["layers"] == [1, 2]
     model = XMixupModel.from_pretrained(reference / "best")
-    assert model.model.fusion is not None and set(model.mixers) == {"1", "2"}
-    plain = load_dlfa_model(reference / "best")  # best/ of an X-Mixup run is a DLFA model folder too
-    assert type(plain).__name__ == "DLFAForSequenceClassification" and plain.config.fuse_layer == 2
-    card = (reference / "best" / "README.md").read_text()
-    assert "X-Mixup + DLFA D_2" in card and "mixing blocks [1, 2]" in card and "xmixup.safetensors" in card
+    assert model.model.fusion is not None and set(model.ratios) == {"1", "2"}
 
-    # Interrupt right after the second checkpoint (step 4 of 10), then resume.
     original, calls = XMixupRecipe._checkpoint, []
 
     def interrupt(self, loop):
@@ -577,11 +849,15 @@ def test_xmixup_with_dlfa_fusion_and_exact_resume(tiny_model_dir, tiny_xnli_dir,
     assert main(_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra)) == 130
     assert calls == [2, 4] and not (killed / "metrics.json").exists()
     monkeypatch.setattr(XMixupRecipe, "_checkpoint", original)
+    saved = json.loads((killed / "config.json").read_text())["config"]
+    config = TrainConfig.from_dict({**saved, "output_dir": str(killed), "xmixup_entropy": "masked"})
+    with pytest.raises(DlfaInputError, match="holds a run with another configuration"):
+        XMixupRecipe(config, resume=True).setup()
     assert main([*_xmixup_args(tiny_model_dir, tiny_xnli_dir, killed, *extra), "--resume"]) == 0
     assert _comparable(killed) == metrics
 
 
-# -- tagging (UD-POS, PAN-X): parallel tagging files ---------------------------------------------------------
+# -- tagging (UD-POS, PAN-X) -----------------------------------------------------------------------------------
 
 # English source with UPOS tags, German target with projected tags. The English sentences are not in the tiny
 # English dev file (selection) and no side is in de-test.conllu, except the last pair's target.
@@ -601,39 +877,48 @@ TAGGED = [
 ]
 
 
-def _tagging_file(path, target_tags: bool):
-    return _write(path, [row if target_tags else row[:3] for row in TAGGED])
-
-
-def test_parallel_tagging_reader(tmp_path):
-    from dlfa.tasks.panx import NER_TAGS
+def _soft(tags: str) -> str:
     from dlfa.tasks.udpos import UPOS_TAGS
 
-    pairs = read_parallel_tagging(_tagging_file(tmp_path / "en-de-translated.tsv", True), UPOS_TAGS)
+    rows = []
+    for tag in tags.split():
+        values = [0.05 if label == tag else 0.0 for label in UPOS_TAGS]
+        values[UPOS_TAGS.index(tag)] = 0.9
+        values[UPOS_TAGS.index("X")] += 0.1 if tag != "X" else 0.0
+        rows.append(";".join(f"{v:g}" for v in values))
+    return " ".join(rows)
+
+
+def _tagging_file(path, target: str):
+    """target: 'tags', 'soft' or 'none'."""
+    rows = [row if target == "tags" else row[:3] + ((_soft(row[3]),) if target == "soft" else ()) for row in TAGGED]
+    return _write(path, rows)
+
+
+def test_parallel_tagging_reader_with_tags_soft_labels_or_none(tmp_path):
+    from dlfa.tasks.udpos import UPOS_TAGS
+
+    pairs = read_parallel_tagging(_tagging_file(tmp_path / "en-de-translated.tsv", "tags"), UPOS_TAGS)
     assert len(pairs) == len(TAGGED) and pairs[0].language == "de" and pairs[0].target_labelled
-    assert pairs[1].source.words == ["the", "dog", "is", "on", "the", "mat"]
-    assert pairs[1].target.tags == ["DET", "NOUN", "AUX", "ADP", "DET", "NOUN"]
-    assert pairs[2].origin.endswith("en-de-translated.tsv:3")
-
-    plain = read_translate_train(_tagging_file(tmp_path / "plain.tsv", False), "udpos", "fr")
-    assert plain[0].language == "fr" and plain[0].target.words == ["eine", "Katze", "sass"]
+    assert pairs[1].target.tags == ["DET", "NOUN", "AUX", "ADP", "DET", "NOUN"] and pairs[1].target_soft is None
+    soft = read_parallel_tagging(_tagging_file(tmp_path / "soft.tsv", "soft"), UPOS_TAGS)
+    assert soft[0].target.tags == [] and soft[0].target_labelled and len(soft[0].target_soft) == 3
+    assert soft[0].target_soft[1][UPOS_TAGS.index("NOUN")] == 0.9 and sum(soft[0].target_soft[1]) == pytest.approx(1)
+    plain = read_translate_train(_tagging_file(tmp_path / "plain.tsv", "none"), "udpos", "fr")
     assert not any(p.target_labelled for p in plain) and plain[0].source.tags == ["DET", "NOUN", "VERB"]
-
-    ner = read_translate_train(_write(tmp_path / "ner.tsv", [["Paris is big", "B-LOC O O", "Paris ist gross"]]),
-                               "panx", "de")
-    assert ner[0].source.tags == ["B-LOC", "O", "O"] and set(ner[0].source.tags) <= set(NER_TAGS)
 
 
 @pytest.mark.parametrize("rows,expected", [
     ([["a cat", "DET NOUN", "eine Katze", "DET NOUNS"]], "bad.tsv:1: unknown label 'NOUNS'"),
-    ([["a cat", "DET NOUN", "x"], ["a cat", "DET B-LOC", "x"]], "bad.tsv:2: unknown label 'B-LOC'"),
     ([["a cat", "DET", "eine Katze"]], "bad.tsv:1: 1 source tags for 2 source tokens"),
-    ([["a cat", "DET NOUN", "eine Katze", "DET NOUN ADJ"]], "bad.tsv:1: 3 target tags for 2 target tokens"),
-    ([["a cat", "DET NOUN"]], "bad.tsv:1: expected 3 or 4 tab-separated columns (source tokens, source tags, "
-                              "target tokens[, target tags]), found 2"),
+    ([["a cat", "DET NOUN"]], "bad.tsv:1: expected 3 or 4 tab-separated columns"),
     ([["a cat", "DET NOUN", "eine Katze"], ["a cat", "DET NOUN", "eine Katze", "DET NOUN"]],
-     "bad.tsv:2: 4 columns where the first row has 3: target tags are given for every row of a file or for none"),
-    ([["a cat", "DET NOUN", " "]], "bad.tsv:1: no target tokens"),
+     "bad.tsv:2: 4 columns where the first row has 3"),
+    ([["a", "DET", "eine", "0.5;0.5"]], "bad.tsv:1: target word 1: 2 soft labels for 17 labels"),
+    ([["a", "DET", "eine Katze", ";".join(["0.1"] * 17)]], "bad.tsv:1: target word 1: soft labels must be "
+                                                           "non-negative and sum to 1"),
+    ([["a", "DET", "eine Katze", ";".join(["1"] + ["0"] * 16)]], "bad.tsv:1: 1 target soft labels for 2 target"),
+    ([["a", "DET", "eine", ";".join(["x"] * 17)]], "bad.tsv:1: target word 1: soft labels must be numbers"),
     ([], "bad.tsv: no sentence pairs"),
 ])
 def test_parallel_tagging_bad_input(tmp_path, rows, expected):
@@ -643,77 +928,115 @@ def test_parallel_tagging_bad_input(tmp_path, rows, expected):
         read_parallel_tagging(_write(tmp_path / "bad.tsv", rows), UPOS_TAGS)
 
 
-def test_tagging_pair_features_and_no_target_task_term_without_target_tags(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_tagging_pair_features_soft_labels_and_losses(tiny_model_dir, tiny_tokenizer, tmp_path):
     from dlfa.tasks import get_task
 
     task = get_task("udpos")
-    tagged = read_translate_train(_tagging_file(tmp_path / "t.tsv", True), "udpos", "de")[:4]
-    untagged = read_translate_train(_tagging_file(tmp_path / "u.tsv", False), "udpos", "de")[:4]
-    features = featurize_pairs(task, tagged, tiny_tokenizer, 64)
-    # Both sides carry the task's own first-sub-token labels.
-    assert [f["labels"] for f in features] == [f["labels"] for f in task.featurize([p.target for p in tagged],
-                                                                                  tiny_tokenizer, 64)]
-    assert [f["src_labels"] for f in features] == [f["labels"] for f in task.featurize([p.source for p in tagged],
-                                                                                      tiny_tokenizer, 64)]
-    bare = featurize_pairs(task, untagged, tiny_tokenizer, 64)
-    assert [f["input_ids"] for f in bare] == [f["input_ids"] for f in features]
-    assert all(set(f["labels"]) == {-100} for f in bare) and bare[0]["src_labels"] == features[0]["src_labels"]
-    # A sentence longer than the window keeps its first window on each side, one feature per pair.
-    assert len(task.featurize([p.target for p in tagged], tiny_tokenizer, 12)) > 4
-    cut = featurize_pairs(task, tagged, tiny_tokenizer, 12)
+    pairs = read_translate_train(_tagging_file(tmp_path / "s.tsv", "soft"), "udpos", "de")[:4]
+    features = featurize_pairs(task, pairs, tiny_tokenizer, 64)
+    sources = task.featurize([p.source for p in pairs], tiny_tokenizer, 64)
+    assert [f["src_labels"] for f in features] == [f["labels"] for f in sources]
+    assert all(set(f["labels"]) == {-100} for f in features)  # the target trains against soft labels only
+    attach_soft_labels(features, [p.target_soft for p in pairs], len(task.labels))
+    for feature, pair in zip(features, pairs, strict=True):
+        placed = [row for row in feature["soft_labels"] if sum(row) > 0.5]
+        assert placed == pair.target_soft  # one distribution per word, on its labelled (pooling) position
+    cut = featurize_pairs(task, pairs, tiny_tokenizer, 12)  # one (first) window per side
     assert len(cut) == 4 and all(len(f["input_ids"]) <= 12 and len(f["src_input_ids"]) <= 12 for f in cut)
-    assert [f["labels"] for f in cut] == [f["labels"] for f in task.featurize([p.target for p in tagged],
-                                                                              tiny_tokenizer, 12)
-                                          if f["word_indices"][:1] == [0]]
 
     torch.manual_seed(0)
     model = XMixupModel(DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=list(task.labels)),
                         XMixupConfig(layers=[4]))
-    collator = ParallelCollator(tiny_tokenizer, "token")
-
-    def loss_and_grad(feats):
-        batch = collator(feats)
-        out = model(**batch, mix=True)
-        assert torch.equal(out.logits, out.target_logits)  # unaligned tokens: a pair's prediction is the target's
-        losses = xmixup_objective(out, batch["labels"], batch["src_labels"], "token", alpha=0.8)
-        grad = torch.autograd.grad(losses.total, out.target_logits, retain_graph=True, allow_unused=True)[0]
-        return losses, grad
-
-    losses, grad = loss_and_grad(bare)
-    assert losses.target_task is None and losses.kl.item() == 0.0
-    assert losses.total.item() == pytest.approx(losses.source_task.item() + losses.mse.item(), rel=1e-6)
-    assert grad is None or grad.abs().max().item() == 0.0  # the target's logits take no part in the loss
-    labelled, grad = loss_and_grad(features)
-    assert labelled.target_task is not None and grad.abs().sum().item() > 0
-    assert labelled.task.item() == pytest.approx(0.8 * labelled.source_task.item()
-                                                 + 0.2 * labelled.target_task.item(), rel=1e-5)
+    batch = ParallelCollator(tiny_tokenizer, "token")(features)
+    assert batch["soft_labels"].shape == (*batch["input_ids"].shape, len(task.labels))
+    out = model(**model_inputs(batch, "src_"))
+    assert torch.equal(out.logits, out.target_logits) and out.source_logits is not None
+    losses = tagging_objective(out, batch["src_labels"], batch["soft_labels"], alpha=0.8)
+    grad = torch.autograd.grad(losses.total, out.target_logits, retain_graph=True)[0]
+    assert grad.abs().sum() > 0 and losses.kl.item() == 0.0
+    assert losses.total.item() == pytest.approx(0.8 * losses.source_task.item() + 0.2 * losses.target_task.item()
+                                                + losses.mse.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("target_tags,fuse_layer", [(True, None), (False, None), (False, "2")])
-def test_tagging_end_to_end(tiny_model_dir, tiny_udpos_dir, tmp_path, target_tags, fuse_layer):
-    parallel = _tagging_file(tmp_path / "en-de.tsv", target_tags)
+def test_teacher_soft_labels(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from dlfa.data.features import TaggedSentence
+    from dlfa.tasks import get_task
+
+    task = get_task("udpos")
+    torch.manual_seed(1)
+    teacher = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=list(task.labels)).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    sentences = [TaggedSentence(["der", "Hund", "sass"], []), TaggedSentence(["eine", "Katze"], [])]
+    soft = teacher_soft_labels(tmp_path / "teacher", task, sentences, 64)
+    features = task.featurize([TaggedSentence(s.words, ["X"] * len(s.words)) for s in sentences], tiny_tokenizer, 64)
+    for feature, distributions in zip(features, soft, strict=True):
+        ids = torch.tensor([feature["input_ids"]])
+        with torch.no_grad():
+            logits = teacher(ids, torch.ones_like(ids)).logits[0]
+        at = [i for i, label in enumerate(feature["labels"]) if label != -100]
+        expected = torch.softmax(logits[at], dim=-1)
+        assert torch.allclose(torch.tensor(distributions), expected, atol=1e-6)
+    wrong = DLFAForTokenClassification.from_encoder(str(tiny_model_dir), id2label=["a", "b", "c"])
+    wrong.save_pretrained(tmp_path / "wrong")
+    with pytest.raises(DlfaInputError, match="the teacher must be a udpos tagging model"):
+        teacher_soft_labels(tmp_path / "wrong", task, sentences, 64)
+
+
+@pytest.mark.parametrize("target,fuse_layer", [("tags", None), ("soft", "2")])
+def test_tagging_end_to_end(tiny_model_dir, tiny_udpos_dir, tmp_path, target, fuse_layer):
+    parallel = _tagging_file(tmp_path / "en-de.tsv", target)
     out = tmp_path / "run"
     args = ["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
             str(tiny_udpos_dir), "--output", str(out), "--xmixup-parallel", f"de={parallel}", "--languages", "de",
             "--epochs", "1", "--batch-size", "4", "--learning-rate", "1e-3", "--seed", "3"]
     assert main([*args, *(["--fuse-layer", fuse_layer] if fuse_layer else [])]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["method"] == "xmixup" and metrics["fuse_layer"] == (int(fuse_layer) if fuse_layer else None)
     record = metrics["xmixup"]
     assert record["layers"] == [4] and record["alpha"] == 0.8  # the authors' tagging settings
     assert record["pairs"]["de"] == {"read": 9, "selection": 0, "not_in_training_examples": 0, "evaluation": 1,
-                                     "kept": 8, "labelled_targets": 8 if target_tags else 0}
-    (selection,) = metrics["selection"]["history"]  # 8 pairs / 4 per batch: one epoch, one selection
-    assert selection["step"] == 2 and (selection["xmixup"]["target_task"] is not None) == target_tags
-    assert selection["xmixup"]["kl"] == 0.0 and selection["xmixup"]["mse"] > 0
-    assert "f1" in metrics["languages"]["de"] and (out / "best" / "xmixup.safetensors").is_file()
+                                     "kept": 8, "target_labels": "tags (one-hot)" if target == "tags" else "soft (file)"}
+    (selection,) = metrics["selection"]["history"]
+    assert selection["step"] == 2 and selection["xmixup"]["kl"] == 0.0 and selection["xmixup"]["mse"] > 0
+    assert metrics["languages"]["de"]["inference"] == "target-only" and "f1" in metrics["languages"]["de"]
+    # dlfa evaluate scores the folder the same way (pooled sub-words, not the plain DLFA head).
+    assert main(["evaluate", "--run", str(out), "--output", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())["languages"]["de"]
+    assert again["accuracy"] == pytest.approx(metrics["languages"]["de"]["accuracy"])
 
 
-def test_tagging_bad_parallel_file_is_one_line_before_anything_is_written(tiny_model_dir, tiny_udpos_dir, tmp_path,
-                                                                          capsys):
-    bad = _write(tmp_path / "bad.tsv", [TAGGED[0], ("a cat", "DET", "eine Katze", "DET NOUN")])
+def test_tagging_without_target_labels_needs_a_teacher(tiny_model_dir, tiny_udpos_dir, tmp_path, capsys):
+    parallel = _tagging_file(tmp_path / "en-de.tsv", "none")
     out = tmp_path / "run"
-    assert main(["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
-                 str(tiny_udpos_dir), "--output", str(out), "--xmixup-parallel", f"de={bad}"]) == 2
-    err = capsys.readouterr().err
-    assert err == f"dlfa: error: {bad}:2: 1 source tags for 2 source tokens\n" and not out.exists()
+    base = ["train", "--method", "xmixup", "--task", "udpos", "--model", str(tiny_model_dir), "--data-dir",
+            str(tiny_udpos_dir), "--output", str(out), "--languages", "de"]
+    assert main([*base, "--xmixup-parallel", f"de={parallel}"]) == 2
+    assert "option --xmixup-teacher:" in capsys.readouterr().err and not out.exists()
+    assert main([*base, "--xmixup-parallel", "de"]) == 2
+    assert "udpos files of different languages are not translations of each other" in capsys.readouterr().err
+
+
+def test_tagging_mixup_inference_with_a_translate_test_file(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    parallel = _tagging_file(tmp_path / "en-de.tsv", "tags")
+    folder = tmp_path / "tt"
+    folder.mkdir()
+    _write(folder / "de.txt", [["the dog and the cat ."]])
+    _write(folder / "ja.txt", [["a cat sat"], ["one too many"]])
+    config = TrainConfig.from_dict({
+        "task": "udpos", "model": str(tiny_model_dir), "data_dir": str(tiny_udpos_dir), "output_dir": str(tmp_path / "r"),
+        "languages": ["de", "en"], "epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "seed": 3, "method": "xmixup",
+        "xmixup_parallel": [f"de={parallel}"], "xmixup_translate_test": str(folder)})
+    metrics = XMixupRecipe(config, show_progress=False).run()
+    assert [metrics["languages"][lang]["inference"] for lang in ("de", "en")] == ["mixup", "mixup"]
+    config = dataclasses.replace(config, languages=["ja"], output_dir=str(tmp_path / "r2"))
+    with pytest.raises(DlfaInputError, match=r"ja.txt: 2 translations for 1 examples"):
+        XMixupRecipe(config, show_progress=False).run()
+
+
+def test_finetune_recipe_refuses_an_xmixup_config(tiny_udpos_dir, tmp_path):
+    from dlfa.training.recipe import FinetuneRecipe
+
+    config = TrainConfig(task="udpos", data_dir=str(tiny_udpos_dir), output_dir=str(tmp_path / "r"), method="xmixup",
+                         xmixup_parallel=["de"])
+    with pytest.raises(DlfaInputError, match="runs method 'finetune', not 'xmixup'"):
+        FinetuneRecipe(config).setup()

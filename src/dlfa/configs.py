@@ -47,6 +47,8 @@ class EvaluateConfig(Config):
     scorer: str | None = option(None, help="scorer (UD-POS: xtreme-2020, seqeval, accuracy); none = the run's")
     ud_preprocessing: Literal["xtreme", "raw"] | None = option(None, help="UD-POS words: xtreme or raw; none = the "
                                                                           "run's")
+    translate_test: str | None = option(None, help="X-Mixup models: folder of translate-test files; those languages "
+                                                   "are scored with mixup inference, the others on the target alone")
     output: str | None = option(None, help="write the metrics JSON to this new file; none = print only")
 
     def check(self) -> None:

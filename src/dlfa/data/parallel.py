@@ -20,19 +20,28 @@ lines skipped:
 Tagging tasks (UD-POS, PAN-X): a **parallel tagging TSV**, one sentence pair per line, tokens and tags separated by
 spaces::
 
-    source tokens <TAB> source tags <TAB> target tokens [<TAB> target tags]
+    source tokens <TAB> source tags <TAB> target tokens [<TAB> target labels]
 
-The source (English) side is tagged; the target tags (labels projected onto the translation) are optional per
-file: every row has them or none does. A target without tags has no labels (X-Mixup then trains it through the
-source loss and the consistency term only). Tags come from the task's label set (UPOS, IOB2 PER/ORG/LOC); a
-side's tag count must equal its token count. There is no line-by-line pairing of tagging files: the treebanks and
-WikiANN files of different languages are not translations of each other.
+The source (English) side is tagged. The target labels are optional per file (every row has them or none does)
+and come in one of two forms, fixed by the file's first row: tags (labels projected onto the translation), or
+**soft labels**, one distribution per target word written ``p1;p2;...;pK`` in the task's label order (the
+authors' ``translate-train-logits`` files: a teacher's label distribution for each translated word). Tags come
+from the task's label set (UPOS, IOB2 PER/ORG/LOC); a side's label count must equal its token count. There is no
+line-by-line pairing of tagging files: the treebanks and WikiANN files of different languages are not
+translations of each other.
+
+**Translations of single sentences** (back-translated sources for X-Mixup's scheduled sampling, translate-test
+sources for its mixup inference), row i being the English translation of example i of the file it goes with:
+for pair tasks ``text a <TAB> text b [<TAB> label]`` (XTREME's translate-test form; a label, when given, must be
+the example's, which checks the alignment; an optional header line ends in ``label``), for tagging tasks one
+sentence per line, tokens separated by spaces.
 
 Every problem is a :class:`dlfa.errors.DlfaInputError` naming the file and line.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,12 +50,12 @@ from pathlib import Path
 from dlfa.data.features import TaggedSentence
 from dlfa.errors import DlfaInputError
 from dlfa.tasks import get_task
-from dlfa.tasks.base import SentencePair, check_label, read_tsv_rows
+from dlfa.tasks.base import SentencePair, check_label, read_tsv_rows, shown
 
 PARALLEL_COLUMNS = 5
 HEADER_LABELS = ("label", "gold_label")
 RELEASE_HEADER = ["id", "sentence1", "sentence2", "label"]
-TAGGING_COLUMNS = "source tokens, source tags, target tokens[, target tags]"
+TAGGING_COLUMNS = "source tokens, source tags, target tokens[, target tags or soft labels]"
 _TRANSLATED_NAME = re.compile(r"(?:en-)?(?P<lang>[a-z]{2,3})-translated\.tsv")
 
 
@@ -61,10 +70,14 @@ class ParallelPair:
     target: SentencePair | TaggedSentence
     language: str  # the target language ("" when unknown)
     origin: str  # "path:line" of the target side, for messages
+    # A tagging target's soft labels: one distribution (task label order) per target word.
+    target_soft: list[list[float]] | None = None
+    # The English back-translation of the target (scheduled sampling's alternative source); untagged for tagging.
+    back_translation: SentencePair | TaggedSentence | None = None
 
     @property
     def target_labelled(self) -> bool:
-        return not isinstance(self.target, TaggedSentence) or bool(self.target.tags)
+        return not isinstance(self.target, TaggedSentence) or bool(self.target.tags) or self.target_soft is not None
 
 
 def task_labels(task_name: str) -> tuple[tuple[str, ...], Mapping[str, str] | None]:
@@ -138,28 +151,104 @@ def _tags(field: str, tokens: list[str], side: str, labels: Sequence[str], path:
     return tags
 
 
+def _soft_labels(field: str, tokens: list[str], labels: Sequence[str], path: str | Path, line: int) -> list[list[float]]:
+    distributions = []
+    for number, word in enumerate(field.split(), start=1):
+        try:
+            values = [float(x) for x in word.split(";")]
+        except ValueError:
+            raise DlfaInputError(f"target word {number}: soft labels must be numbers joined by ';', got {shown(word)}",
+                                 path=path, line=line) from None
+        if len(values) != len(labels):
+            raise DlfaInputError(f"target word {number}: {len(values)} soft labels for {len(labels)} labels "
+                                 f"({' '.join(labels)})", path=path, line=line)
+        if not all(math.isfinite(x) and x >= 0 for x in values) or abs(sum(values) - 1) > 0.01:
+            raise DlfaInputError(f"target word {number}: soft labels must be non-negative and sum to 1, got "
+                                 f"{shown(word)}", path=path, line=line)
+        distributions.append(values)
+    if len(distributions) != len(tokens):
+        raise DlfaInputError(f"{len(distributions)} target soft labels for {len(tokens)} target tokens", path=path,
+                             line=line)
+    return distributions
+
+
 def read_parallel_tagging(path: str | Path, labels: Sequence[str], language: str | None = None) -> list[ParallelPair]:
-    """Pairs of a parallel tagging TSV (source tokens, source tags, target tokens[, target tags])."""
+    """Pairs of a parallel tagging TSV (source tokens, source tags, target tokens[, target tags or soft labels])."""
     language = language_from_name(path) if language is None else language
     pairs: list[ParallelPair] = []
-    columns: int | None = None  # the file's form, fixed by its first row: with target tags (4) or without (3)
+    columns: int | None = None  # the file's form, fixed by its first row: with target labels (4) or without (3)
+    soft = False  # with target labels: tags, or soft labels (a ';' in the first row's first target label)
     for number, fields in read_tsv_rows(path):
         if len(fields) not in (3, 4):
             raise DlfaInputError(f"expected 3 or 4 tab-separated columns ({TAGGING_COLUMNS}), found {len(fields)}",
                                  path=path, line=number)
         if columns is None:
             columns = len(fields)
+            soft = columns == 4 and ";" in (fields[3].split() or [""])[0]
         elif len(fields) != columns:
-            raise DlfaInputError(f"{len(fields)} columns where the first row has {columns}: target tags are given "
+            raise DlfaInputError(f"{len(fields)} columns where the first row has {columns}: target labels are given "
                                  "for every row of a file or for none", path=path, line=number)
         source_tokens = _tokens(fields[0], "source", path, number)
         source = TaggedSentence(source_tokens, _tags(fields[1], source_tokens, "source", labels, path, number))
         target_tokens = _tokens(fields[2], "target", path, number)
-        target_tags = _tags(fields[3], target_tokens, "target", labels, path, number) if columns == 4 else []
-        pairs.append(ParallelPair(source, TaggedSentence(target_tokens, target_tags), language, f"{path}:{number}"))
+        target_tags, target_soft = [], None
+        if columns == 4 and soft:
+            target_soft = _soft_labels(fields[3], target_tokens, labels, path, number)
+        elif columns == 4:
+            target_tags = _tags(fields[3], target_tokens, "target", labels, path, number)
+        pairs.append(ParallelPair(source, TaggedSentence(target_tokens, target_tags), language, f"{path}:{number}",
+                                  target_soft=target_soft))
     if not pairs:
         raise DlfaInputError("no sentence pairs in the file", path=path)
     return pairs
+
+
+def read_sentence_translations(path: str | Path, task_name: str, originals: Sequence) -> list:
+    """English translations of ``originals`` (line i translates originals[i]): SentencePairs or TaggedSentences.
+
+    Pair tasks: ``text a <TAB> text b [<TAB> label]`` (optional header line ending in ``label``); a translation
+    takes its original's label, and a label column must agree with it. Tagging tasks: tokens separated by spaces;
+    the translation gets placeholder tags (it is never scored). The counts must be equal.
+    """
+    labels, aliases = task_labels(task_name)
+    tagging = get_task(task_name).head == "token"
+    rows = list(read_tsv_rows(path))
+    if rows and not tagging and _is_header(rows[0][1], 3) and rows[0][0] == 1:
+        rows = rows[1:]
+    translations: list = []
+    for (number, fields), original in zip(rows, originals, strict=False):
+        if tagging:
+            if len(fields) != 1:
+                raise DlfaInputError(f"expected one sentence per line (tokens separated by spaces), found "
+                                     f"{len(fields)} tab-separated columns", path=path, line=number)
+            tokens = _tokens(fields[0], "translated", path, number)
+            translations.append(TaggedSentence(tokens, [labels[0]] * len(tokens)))
+            continue
+        if len(fields) not in (2, 3):
+            raise DlfaInputError(f"expected 2 or 3 tab-separated columns (text a, text b[, label]), found "
+                                 f"{len(fields)}", path=path, line=number)
+        if len(fields) == 3 and check_label(fields[2], labels, path, number, aliases) != original.label:
+            raise DlfaInputError(f"label {fields[2].strip()!r} differs from the original's {original.label!r}: the "
+                                 "file is not aligned with the examples it translates", path=path, line=number)
+        if not fields[0].strip():
+            raise DlfaInputError("empty text in column 1", path=path, line=number)
+        translations.append(SentencePair(fields[0], fields[1], original.label))
+    if len(rows) != len(originals):
+        raise DlfaInputError(f"{len(rows)} translations for {len(originals)} examples: line i must translate "
+                             "example i", path=path)
+    return translations
+
+
+def translate_test_file(folder: str | Path, language: str, split: str) -> Path | None:
+    """A language's translate-test file in ``folder``: ``<split>-<lang>-en-translated.tsv`` (XTREME's name),
+    ``<lang>.tsv`` or ``<lang>.txt``; None when there is none, an error when there are several."""
+    folder = Path(folder)
+    found = [folder / name for name in (f"{split}-{language}-en-translated.tsv", f"{language}.tsv", f"{language}.txt")
+             if (folder / name).is_file()]
+    if len(found) > 1:
+        raise DlfaInputError(f"several translate-test files for {language!r} ({', '.join(p.name for p in found)}); "
+                             "keep one", path=folder)
+    return found[0] if found else None
 
 
 def read_translate_train(path: str | Path, task_name: str, language: str | None = None) -> list[ParallelPair]:

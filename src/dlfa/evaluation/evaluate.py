@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ def predict(
     sort_by_length: bool = True,
     autocast_dtype: torch.dtype | None = None,
     accelerator: Any = None,
+    inputs: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> list:
     """Per-feature predictions in the original feature order.
 
@@ -31,7 +32,7 @@ def predict(
 
     With an ``accelerator`` of several processes, process k predicts batches k, k + n, ... of the very batches one
     process makes, and every process receives all predictions: the one-process result exactly (same batches,
-    same padding), in a 1/n of the time.
+    same padding), in a 1/n of the time. ``inputs`` maps a collated batch to the model's keyword arguments.
     """
     was_training = model.training
     model.eval()
@@ -46,7 +47,7 @@ def predict(
         labels = batch.pop("labels", None)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(**batch).logits
+            logits = model(**(inputs(batch) if inputs is not None else batch)).logits
         predicted = logits.argmax(dim=-1).cpu()
         if model.head_type == "token":
             assert labels is not None, "token features carry labels that mark the scored positions"

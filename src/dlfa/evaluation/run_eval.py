@@ -34,6 +34,8 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     """Score the selected model of a run (``config.run``) on the languages of a data folder."""
     from transformers import AutoTokenizer
 
+    from dlfa.modeling.modeling_xmixup import XMIXUP_CONFIG_NAME
+
     output = check_new_output(config.output, "--output") if config.output else None
     run = Path(config.run)
     if not run.is_dir():
@@ -60,14 +62,23 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
                 for lang in langs}
     batch_size = config.batch_size
 
-    model = load_dlfa_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    collator = Collator(tokenizer, task.head)
-    per_language = {}
-    for lang in langs:
-        features = task.featurize(examples[lang], tokenizer, saved["max_length"])
-        per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
-                                               desc=f"eval {lang}", scorer=chosen.name)
+    if (model_dir / XMIXUP_CONFIG_NAME).is_file():
+        from dlfa.training.xmixup import evaluate_folder
+
+        model, per_language = evaluate_folder(model_dir, task, data_dir, examples, saved.get("train_language", "en"),
+                                              saved["max_length"], batch_size, config.translate_test,
+                                              scorer=chosen.name, preprocessing=preprocessing)
+    else:
+        if config.translate_test is not None:
+            raise DlfaInputError("mixup inference needs an X-Mixup model", option="--translate-test", path=model_dir)
+        model = load_dlfa_model(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        collator = Collator(tokenizer, task.head)
+        per_language = {}
+        for lang in langs:
+            features = task.featurize(examples[lang], tokenizer, saved["max_length"])
+            per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
+                                                   desc=f"eval {lang}", scorer=chosen.name)
     metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
     result = {
         "task": task.name,

@@ -23,7 +23,9 @@ TASK_NAMES = ("udpos", "panx", "xnli", "pawsx")  # dlfa.tasks.TASKS; kept here s
 XMIXUP_SCHEDULES = ("inverse_sigmoid", "linear", "constant")
 # X-Mixup options (None: the method's defaults, see dlfa.training.xmixup); only valid with method "xmixup".
 XMIXUP_FIELDS = ("xmixup_parallel", "xmixup_layers", "xmixup_alpha", "xmixup_schedule", "xmixup_schedule_k",
-                 "xmixup_kl_weight", "xmixup_mse_weight", "xmixup_lambda_max")
+                 "xmixup_kl_weight", "xmixup_mse_weight", "xmixup_lambda_max", "xmixup_back_translation",
+                 "xmixup_translate_test", "xmixup_teacher", "xmixup_entropy")
+_LANGUAGE_FILE = re.compile(r"(?P<lang>[a-z]{2,3})=(?P<path>.+)")
 # Where a run is, not what it is: two configs that differ only here describe the same run (a moved run resumes).
 LOCATION_FIELDS = ("output_dir",)
 MIN_MAX_LENGTH = 8  # room for the special tokens ([CLS] ... [SEP] [SEP] ... [SEP]) and some text
@@ -110,21 +112,36 @@ class TrainOptions(Config):
     log_every: int = option(10, low=1, help="optimizer steps between tracker logs of the training curves")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", help="accelerate's mixed precision")
     cpu: bool = option(False, help="stay on the CPU even when an accelerator is present")
-    # X-Mixup (docs/xmixup.md); None: the method's defaults. Only with --method xmixup.
+    # X-Mixup (docs/xmixup.md: the authors' method); None: their defaults. Only with --method xmixup.
     xmixup_parallel: list[str] | None = option(
         None, parse=comma_list, help="X-Mixup pairs: target languages paired line by line with the English training "
-                                     "file (xnli, pawsx), and/or parallel TSV files (LANG=FILE or FILE)")
+                                     "file (xnli, pawsx; en pairs English with itself), and/or parallel TSV files "
+                                     "(LANG=FILE or FILE; tagging: target tags, soft labels or --xmixup-teacher)")
     xmixup_layers: list[int] | None = option(None, low=1, parse=int_list,
                                              help="X-Mixup mixing blocks 1..N, e.g. 1 or 3-4 (none: 1; tagging 4)")
     xmixup_alpha: float | None = option(None, low=0, high=1, help="X-Mixup source task-loss weight (none: 0.4; "
                                                                   "tagging 0.8)")
     xmixup_schedule: Literal["inverse_sigmoid", "linear", "constant"] | None = option(
-        None, help="X-Mixup scheduled sampling (none: inverse_sigmoid)")
-    xmixup_schedule_k: float | None = option(None, low=0, low_open=True, help="inverse-sigmoid k")
+        None, help="X-Mixup scheduled sampling: the probability of the gold English source against the "
+                   "back-translated one (none: inverse_sigmoid)")
+    xmixup_schedule_k: float | None = option(None, low=0, low_open=True,
+                                             help="inverse-sigmoid k, p = k / (k + exp(step / k)) (none: 1000)")
     xmixup_kl_weight: float | None = option(None, low=0, help="X-Mixup consistency KL weight (none: 1)")
     xmixup_mse_weight: float | None = option(None, low=0, help="X-Mixup consistency MSE weight (none: 1)")
     xmixup_lambda_max: float | None = option(None, low=0, high=1, low_open=True,
                                              help="X-Mixup lambda_0, the largest mixing ratio (none: 0.5)")
+    xmixup_back_translation: list[str] | None = option(
+        None, parse=comma_list, help="English back-translations of the targets, LANG=FILE per parallel language: "
+                                     "scheduled sampling trains on them instead of the gold source with probability "
+                                     "1 - p(step); without them every batch uses the gold source")
+    xmixup_translate_test: str | None = option(
+        None, help="folder of translate-test files (<split>-<lang>-en-translated.tsv, <lang>.tsv or <lang>.txt): "
+                   "those languages are scored with mixup inference, the others target-only (metrics.json says which)")
+    xmixup_teacher: str | None = option(None, help="tagging: a fine-tuned dlfa model whose label distributions become "
+                                                   "the soft labels of target sentences given without labels")
+    xmixup_entropy: Literal["authors", "masked"] | None = option(
+        None, help="entropy behind lambda: authors (their formula over rows padded to --max-length) or masked (exact, "
+                   "over real tokens only) (none: authors)")
 
     def check(self) -> None:
         check_languages(self.languages)
@@ -139,6 +156,14 @@ class TrainOptions(Config):
         elif not self.xmixup_parallel:
             raise DlfaInputError("X-Mixup needs parallel data: target languages (paired line by line with the "
                                  "English training file) or parallel files", option="--xmixup-parallel")
+        seen: set[str] = set()
+        for spec in self.xmixup_back_translation or []:
+            match = _LANGUAGE_FILE.fullmatch(spec.strip())
+            if match is None:
+                raise DlfaInputError(f"expected LANG=FILE, got {spec!r}", option="--xmixup-back-translation")
+            if match["lang"] in seen:
+                raise DlfaInputError(f"{match['lang']!r} given twice", option="--xmixup-back-translation")
+            seen.add(match["lang"])
         if self.batch_size is not None and self.batch_size % self.gradient_accumulation_steps:
             raise DlfaInputError(f"the batch size {self.batch_size} is not a multiple of the "
                                  f"{self.gradient_accumulation_steps} accumulation steps",

@@ -467,12 +467,29 @@ class FinetuneRecipe:
                         self.scheduler, None, loop, accelerator.process_index, accelerator.num_processes,
                         accelerator.wait_for_everyone)
 
+    # Hooks for recipes that score differently (X-Mixup's mixup inference): English dev, the best model, a language.
+
+    def _dev_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
+        """English-dev metrics of the model being trained (the selection signal)."""
+        return self._predict_scores(model, self.dev_examples, self.dev_features, "dev")
+
+    def _load_best(self) -> torch.nn.Module:
+        return load_dlfa_model(self.output_dir / BEST_DIR, device=self.accelerator.device)
+
+    def _language_metrics(self, model: torch.nn.Module, lang: str) -> dict[str, Any]:
+        """Zero-shot metrics of the selected model on one target language."""
+        return self._predict_scores(model, self.eval_examples[lang], self.eval_features[lang], f"eval {lang}")
+
+    def _desc(self, desc: str) -> str | None:
+        """A progress bar's label, or None for no bar (quiet runs, and processes other than the main one)."""
+        return desc if self.show_progress and self.accelerator.is_main_process else None
+
     def _predict_scores(self, model, examples: list, features: list, desc: str | None) -> dict[str, Any]:
         """The task's metrics of ``model`` on examples, the batches shared between the processes (every process
         gets the same, complete result)."""
         return evaluate_examples(
             self.task, model, examples, features, self.collator, self.config.eval_batch_size, self.accelerator.device,
-            desc=desc if self.show_progress and self.accelerator.is_main_process else None,
+            desc=self._desc(desc),
             autocast_dtype=self._autocast_dtype(), scorer=self.scorer.name, accelerator=self.accelerator,
         )
 
@@ -483,7 +500,7 @@ class FinetuneRecipe:
         the same decision; only the main process writes ``best/``."""
         accelerator = self.accelerator
         model = accelerator.unwrap_model(self.model)
-        metrics = self._predict_scores(model, self.dev_examples, self.dev_features, "dev")
+        metrics = self._dev_metrics(model)
         score = metrics[self.scorer.metric]
         train_loss = float(accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean"))
         record = {"step": step, "epoch": epoch, "train_loss": train_loss, "dev": metrics, "score": score}
@@ -511,11 +528,10 @@ class FinetuneRecipe:
         """Zero-shot scores of the selected model on every target language, the batches shared between the
         processes; the main process writes metrics.json. Every process returns the result."""
         accelerator = self.accelerator
-        model = load_dlfa_model(self.output_dir / BEST_DIR, device=accelerator.device)
+        model = self._load_best()
         per_language = {}
         for lang in self.languages:
-            per_language[lang] = self._predict_scores(model, self.eval_examples[lang], self.eval_features[lang],
-                                                      f"eval {lang}")
+            per_language[lang] = self._language_metrics(model, lang)
             if lang in self.leaky_languages:
                 per_language[lang]["leaky"] = True
             logger.info("%s %s: %s", self.task.eval_split, lang,
