@@ -225,3 +225,58 @@ def test_missing_tracker_package_is_one_line(tiny_model_dir, data_dir, tmp_path,
     assert main(_train_args(tiny_model_dir, data_dir, out, "--report-to", "wandb")) == 2
     assert capsys.readouterr().err.strip() == "dlfa: error: option --report-to: wandb is not installed (pip install wandb)"
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tmp_path_factory) -> Path:
+    """XNLI-shaped English dev file with its German translation (X-Mixup pairs), and test files."""
+    folder = tmp_path_factory.mktemp("ddp-xnli") / "xnli"
+    folder.mkdir()
+    rows = [("the cat sat on the mat", "a cat is on a mat", "entailment"),
+            ("the dog sat on the mat", "a cat is on a mat", "contradiction"),
+            ("a dog is on a mat", "the dog sat", "neutral"), ("the cat is a cat", "a dog is a dog", "neutral")]
+    for lang, prefix in (("en", ""), ("de", "der ")):
+        lines = [f"{prefix}{a} {i}\t{prefix}{b} {i}\t{label}" for i in range(6) for a, b, label in rows]  # 24 pairs
+        (folder / f"dev-{lang}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (folder / f"test-{lang}.tsv").write_text("\n".join(f"{prefix}{a} x\t{b}\t{label}" for a, b, label in rows)
+                                                 + "\n", encoding="utf-8")
+    return folder
+
+
+def test_xmixup_with_two_processes_matches_one_and_resumes_exactly(tiny_model_dir, pair_dir, tmp_path):
+    """X-Mixup: the same steps and schedule as one process, sharded evaluation, exact kill -9 and resume."""
+    def args(out, *extra):
+        return ["train", "--method", "xmixup", "--task", "xnli", "--model", str(tiny_model_dir), "--data-dir",
+                str(pair_dir), "--output", str(out), "--train-split", "dev", "--dev-split", "dev", "--xmixup-parallel",
+                "de", "--batch-size", "4", "--learning-rate", "1e-3", "--languages", "de,en", "--seed", "5",
+                "--eval-batch-size", "1", "--report-to", "tensorboard", "--log-every", "1", *extra]
+
+    extra = ("--epochs", "6", "--checkpoint-every", "5")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_single(*args(one, *extra)))
+    _run(_torchrun(*args(two, *extra)))
+    a, b = scalars(one), scalars(two)
+    assert len(a["train/learning_rate"]) == json.loads((one / "config.json").read_text())["resolved"]["total_steps"]
+    assert a["train/learning_rate"] == b["train/learning_rate"] and a["train/epoch"] == b["train/epoch"]
+    out = tmp_path / "again.json"
+    _run(_single("evaluate", "--run", str(two), "--batch-size", "1", "--output", str(out)))
+    assert json.loads(out.read_text())["languages"] == json.loads((two / "metrics.json").read_text())["languages"]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(*args(killed, *extra)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env())
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    kill_9(proc)
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    _run(_torchrun(*args(killed, *extra, "--resume")))
+
+    def comparable(run):
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics.pop("train_seconds")
+        return metrics
+
+    assert comparable(killed) == comparable(two)

@@ -8,6 +8,7 @@ exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -317,13 +318,18 @@ def _find_command(argv: Sequence[str]) -> tuple[Command, list[str]]:
                          else f"dlfa: give a command ({known}; dlfa --help)")
 
 
-def parse(argv: Sequence[str]) -> tuple[Command, dict[str, Any]]:
-    """The command and the options given on the command line (only those given)."""
+@functools.cache
+def _parser(name: str):
     from dlfa.options import build_parser
 
+    command = COMMANDS[name]
+    return build_parser(f"dlfa {command.name}", command.configs(), command.exclude, description=command.help)
+
+
+def parse(argv: Sequence[str]) -> tuple[Command, dict[str, Any]]:
+    """The command and the options given on the command line (only those given)."""
     command, rest = _find_command(argv)
-    parser = build_parser(f"dlfa {command.name}", command.configs(), command.exclude, description=command.help)
-    return command, vars(parser.parse_args(rest))
+    return command, vars(_parser(command.name).parse_args(rest))
 
 
 def _os_error_line(exc: OSError) -> str:
