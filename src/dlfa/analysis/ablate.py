@@ -165,6 +165,13 @@ class EnglishHoldoutRecipe(FinetuneRecipe):
             subset = f"{subset}:english-holdout{self.english_holdout:g}-seed{self.config.seed}"
         return super()._features(examples, language, split, subset)
 
+    def _read_eval_examples(self) -> dict[str, list]:
+        examples = super()._read_eval_examples()
+        lang = self.config.train_language
+        if self._english_part is not None and lang in examples:
+            examples[lang] = self._english_part[: self.config.max_eval_examples]
+        return examples
+
     def setup(self) -> None:
         super().setup()
         cfg, task = self.config, self.task
@@ -174,7 +181,6 @@ class EnglishHoldoutRecipe(FinetuneRecipe):
             self.english_score = {"source": "none", "text": f"no English score (no {lang} {task.eval_split} file "
                                   "evaluated), so no gap"}
         elif self._english_part is not None:
-            self.eval_examples[lang] = self._english_part[: cfg.max_eval_examples]
             self.english_score = {
                 "source": "held-out", "split": task.eval_split, "files": names,
                 "examples": len(self.eval_examples[lang]), "selection_examples": len(self.dev_examples),

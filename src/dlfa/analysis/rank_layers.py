@@ -194,6 +194,13 @@ def _init_like_dlfa(module: Any, generator: torch.Generator, std: float = INITIA
             nn.init.zeros_(sub.bias)
 
 
+def _token_head(hidden: int, num_labels: int, dropout: float):
+    """DLFAForTokenClassification's head (dropout, then a linear layer on every sub-token) as one module."""
+    from torch import nn
+
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_labels))
+
+
 def _layer_seed(seed: int, layer: int) -> int:
     return (seed * 1_000_003 + layer) % (2**63)
 
@@ -214,14 +221,10 @@ class ProbeStack:
         import torch
         from torch.func import functional_call, stack_module_state, vmap
 
-        from dlfa.modeling.modeling_dlfa import (
-            DLFAFusion,
-            SequenceClassificationHead,
-            TokenClassificationHead,
-        )
+        from dlfa.modeling.modeling_dlfa import DLFAClassificationHead, DLFAFusion
 
         self.settings = settings
-        head_cls = TokenClassificationHead if settings.head == "token" else SequenceClassificationHead
+        head_cls = _token_head if settings.head == "token" else DLFAClassificationHead
         fusions, heads = [], []
         for x in layers:
             generator = torch.Generator().manual_seed(_layer_seed(seed, x))

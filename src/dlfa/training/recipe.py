@@ -148,10 +148,7 @@ class FinetuneRecipe:
 
         self.tokenizer = load_tokenizer(self.model_path)
         train_examples, dev_examples = self._read_train_and_dev()
-        self.eval_examples = {
-            lang: _subset(task.read(cfg.data_dir, lang, task.eval_split, self.preprocessing), cfg.max_eval_examples)
-            for lang in self.languages
-        }
+        self.eval_examples = self._read_eval_examples()
 
         # Inputs are good: from here on we write (the main process; the others wait for it).
         accelerator.wait_for_everyone()
@@ -307,6 +304,12 @@ class FinetuneRecipe:
         else:
             dev = task.read(cfg.data_dir, cfg.train_language, cfg.dev_split, self.preprocessing)
         return _subset(train, cfg.max_train_examples), _subset(dev, cfg.max_dev_examples)
+
+    def _read_eval_examples(self) -> dict[str, list]:
+        """The examples scored zero-shot, per language."""
+        cfg, task = self.config, self.task
+        return {lang: _subset(task.read(cfg.data_dir, lang, task.eval_split, self.preprocessing), cfg.max_eval_examples)
+                for lang in self.languages}
 
     def _features(self, examples: list, language: str, split: str, subset: str) -> list[dict]:
         cfg = self.config
@@ -761,7 +764,7 @@ def _launcher_process_count(pid: int) -> int | None:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
     except OSError:
         return None
-    if not any(a.endswith("accelerate") or a == "launch" for a in args[:4]):
+    if not any("accelerate" in Path(a).name for a in args[:3]):  # accelerate launch, python -m accelerate...
         return None
     for i, arg in enumerate(args):
         if arg.startswith(("--num_processes=", "--num-processes=")):
