@@ -279,4 +279,4 @@ def test_xmixup_with_two_processes_matches_one_and_resumes_exactly(tiny_model_di
         metrics.pop("train_seconds")
         return metrics
 
-    assert comparable(killed) == comparable(two)
+    assert comparable(killed) == comparable(two), (killed, two)

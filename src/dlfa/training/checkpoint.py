@@ -92,8 +92,11 @@ def checkpoint_files(num_processes: int) -> tuple[str, ...]:
     return (*FILES, *(rng_file(k) for k in range(1, num_processes)))
 
 
-def _rng_tensors(sampler_generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+def _rng_tensors(sampler_generator: torch.Generator | None, local: dict[str, float] | None = None
+                 ) -> dict[str, torch.Tensor]:
     rng = {"torch_cpu": torch.get_rng_state()}
+    for key, value in (local or {}).items():  # this process's own running sums (its share of each batch)
+        rng[f"local.{key}"] = torch.tensor(value, dtype=torch.float64)
     if torch.cuda.is_available():
         for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = cuda_state
@@ -112,8 +115,12 @@ def save_checkpoint(
     process_index: int = 0,
     num_processes: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    local: dict[str, float] | None = None,
 ) -> None:
-    """Write a checkpoint; with several processes every one calls this (``barrier`` is the accelerator's)."""
+    """Write a checkpoint; with several processes every one calls this (``barrier`` is the accelerator's).
+
+    ``local``: numbers that differ between processes (running loss sums), saved beside each process's RNG state;
+    :func:`load_checkpoint` returns them under ``progress["local"]``."""
     folder = Path(folder)
     root = folder.parent / f".{folder.name}.step-{progress.get('step', 0)}{TMP_SUFFIX}"  # one name for all processes
     staged = root / folder.name
@@ -121,7 +128,7 @@ def save_checkpoint(
         shutil.rmtree(root, ignore_errors=True)
         staged.mkdir(parents=True)
     barrier()
-    save_file(_rng_tensors(sampler_generator), str(staged / rng_file(process_index)))
+    save_file(_rng_tensors(sampler_generator, local), str(staged / rng_file(process_index)))
     barrier()
     if process_index == 0:
         optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
@@ -217,6 +224,7 @@ def load_checkpoint(
         torch_cpu = _require(rng, "torch_cpu", rng_name)
         # A sampler that silently kept its fresh state would replay other batches than the interrupted run.
         sampler_state = None if sampler_generator is None else _require(rng, "sampler", rng_name)
+        local = {key.removeprefix("local."): float(value) for key, value in rng.items() if key.startswith("local.")}
         scheduler.load_state_dict(scheduler_state)
         torch.set_rng_state(torch_cpu)
         cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
@@ -226,6 +234,8 @@ def load_checkpoint(
             sampler_generator.set_state(sampler_state)
         random.setstate(python_random)
         np.random.set_state(np_state)
+        if local:
+            progress = {**progress, "local": local}
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
             RuntimeError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         # A KeyError's text is just the key; any other message is kept to its first line.

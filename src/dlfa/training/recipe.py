@@ -379,6 +379,8 @@ class FinetuneRecipe:
         if self.resume_from is not None:
             loop = load_checkpoint(self.resume_from, accelerator.unwrap_model(self.model), self.optimizer,
                                    self.scheduler, None, accelerator.process_index, accelerator.num_processes)
+            loop.update(loop.pop("local", {}))  # this process's own running loss sums
+            loop["loss_count"] = int(loop["loss_count"])
             resume_rng = torch.get_rng_state()
             logger.info("resumed from %s at step %d", self.resume_from, loop["step"])
         self.history, self.best = loop["history"], loop["best"]
@@ -468,7 +470,8 @@ class FinetuneRecipe:
         accelerator = self.accelerator
         save_checkpoint(self.output_dir / CHECKPOINT_DIR, accelerator.unwrap_model(self.model), self.optimizer,
                         self.scheduler, None, loop, accelerator.process_index, accelerator.num_processes,
-                        accelerator.wait_for_everyone)
+                        accelerator.wait_for_everyone,
+                        local={"running_loss": loop["running_loss"], "loss_count": loop["loss_count"]})
 
     # Hooks for recipes that score differently (X-Mixup's mixup inference): English dev, the best model, a language.
 
