@@ -18,6 +18,10 @@ copy (``-x``: the first failure kills the mutant). A mutant is *killed* when a s
 union of all selections runs once on an unmodified copy and must pass (``--no-baseline`` skips that), so that
 a kill means the mutant, not a test that fails anyway.
 
+Equivalent mutants (edits that change nothing observable) are left off the list: removing
+``module._is_hf_initialized = True`` in ``DLFAModel.__init__`` is one under transformers 5, whose models flag their
+own tensors as initialised (``test_from_encoder_keeps_the_pretrained_encoder_weights`` guards the behaviour).
+
 Selections are kept tight (the tests that exercise the mutated code) because each run costs a pytest start
 (~7 s, torch and transformers imports) plus the tests. One thread per run (``OMP_NUM_THREADS=1``); ``--jobs``
 runs several mutants at once.
@@ -106,6 +110,7 @@ XM_UNIT = _xm(
     "test_pair_objective_by_hand", "test_tagging_objective_by_hand", "test_tagging_pair_features_soft_labels_and_losses",
 )
 XM_PAIR_RUNS = _xm("test_train_and_evaluate_end_to_end_target_only",
+                   "test_without_back_translations_every_batch_mixes_with_the_gold_source",
                    "test_back_translations_scheduled_sampling_and_mixup_inference")
 XM_TAGGING_RUNS = _xm("test_tagging_end_to_end", "test_tagging_mixup_inference_with_a_translate_test_file",
                       "test_tagging_back_translations_train_the_target_term_alone", "test_teacher_soft_labels")
@@ -190,8 +195,6 @@ MUTANTS: tuple[Mutant, ...] = (
        "gate_init=baseline with mscam: the bias sits before the final LayerNorm, which cancels it", MODELING_TESTS),
     _m("dlfa-gate-bias-ignored", DLFA, 'init.constant_(module.bias, getattr(module, "initial_bias", 0.0))',
        "init.zeros_(module.bias)", "gate_init=baseline ignored (every bias zero)", MODELING_TESTS),
-    _m("dlfa-encoder-reinitialised", DLFA, "module._is_hf_initialized = True", "pass",
-       "from_encoder re-initialises the pretrained encoder", MODELING_TESTS),
     # -- DLFA: heads, loss, settings --------------------------------------------------------------------------
     _m("dlfa-seq-head-mean", DLFA, "x = self.dropout(features[:, 0])", "x = self.dropout(features.mean(dim=1))",
        "sentence head reads the mean over tokens, not the first token", MODELING_TESTS),

@@ -290,6 +290,16 @@ def test_sequence_loss_is_float32_cross_entropy_over_the_batch(tiny_model_dir):
     assert out.features.shape == (2, 4, 32) and out[0] is out.loss  # indexable, as Trainer reads it
 
 
+
+def test_loss_is_float32_for_a_half_precision_model(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=2).to(torch.bfloat16)
+    ids = torch.tensor([[0, 10, 11, 12, 2]])
+    labels = torch.tensor([[-100, 3, 0, 4, -100]])
+    out = model(ids, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits[0].float(), labels[0], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=0, rtol=0)
+
 # -- configuration ------------------------------------------------------------------------------------------------
 
 

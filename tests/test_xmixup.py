@@ -751,6 +751,27 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     assert [mixed["languages"][x]["inference"] for x in ("de", "fr")] == ["mixup", "target-only"]
 
 
+
+def test_without_back_translations_every_batch_mixes_with_the_gold_source(tiny_model_dir, tiny_xnli_dir, tmp_path,
+                                                                         monkeypatch):
+    """The schedule only chooses between gold and back-translated sources: without back-translations every batch
+    is mixed with its gold source, however low the schedule's p has fallen (k = 0.5: p < 0.1 after two steps)."""
+    sources = []
+    original = XMixupModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            sources.append(kwargs.get("src_input_ids"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(XMixupModel, "forward", spy)
+    recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", languages=["de"],
+                                  xmixup_schedule_k=0.5), show_progress=False)
+    metrics = recipe.run()
+    assert len(sources) == recipe.total_steps == 5 and all(s is not None for s in sources)
+    assert gold_probability(4, 5, "inverse_sigmoid", 0.5) < 0.01
+    assert metrics["selection"]["history"][-1]["xmixup"]["gold_fraction"] == 1.0
+
 @pytest.mark.parametrize("entropy", ["authors", "masked"])
 def test_authors_entropy_pads_every_row_to_max_length(tiny_model_dir, tiny_xnli_dir, tmp_path, entropy):
     recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", max_length=40, xmixup_entropy=entropy),
