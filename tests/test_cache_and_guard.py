@@ -107,3 +107,39 @@ def test_training_and_selection_on_one_file_hold_out_a_part(tiny_model_dir, tiny
     assert metrics["selection"]["held_out_from_training_file"] is True
     assert config["resolved"]["train_features"] == 2  # 3 dev sentences: 1 held out for selection, 2 trained on
     assert metrics["selection"]["history"][-1]["dev"]["words"] in {6, 7, 4}  # one whole sentence
+
+
+def test_dev_holdout_is_disjoint_from_training_and_covers_the_file(tiny_model_dir, tmp_path, monkeypatch):
+    """With one file for training and selection, the held-out selection examples are never trained on, and the
+    two parts together are the whole file."""
+    from dlfa.training.config import TrainConfig
+    from dlfa.training.recipe import FinetuneRecipe
+
+    folder = tmp_path / "udpos"
+    folder.mkdir()
+    # Ten sentences told apart by their words.
+    words = ["the", "cat", "dog", "sat", "on", "mat", "a", "is", "der", "die"]
+    sentences = [[(words[(i + k) % 10], "NOUN") for k in range(i % 3 + 2)] + [(str(i), "NUM")] for i in range(10)]
+    write_conllu(folder / "en-dev.conllu", sentences)
+    write_conllu(folder / "de-test.conllu", CONLLU_SENTENCES["de"])
+    trained = []
+    original = FinetuneRecipe._build_train_features
+
+    def spy(self, train_examples, holdout):
+        trained.extend(train_examples)
+        return original(self, train_examples, holdout)
+
+    monkeypatch.setattr(FinetuneRecipe, "_build_train_features", spy)
+    recipe = FinetuneRecipe(TrainConfig(task="udpos", model=str(tiny_model_dir), data_dir=str(folder),
+                                        output_dir=str(tmp_path / "run"), train_split="dev", dev_split="dev",
+                                        dev_holdout=0.3, languages=["de"], max_steps=1, seed=4, cpu=True),
+                            show_progress=False)
+    try:
+        recipe.setup()
+    finally:
+        recipe.cleanup()
+    selection = {tuple(s.words) for s in recipe.dev_examples}
+    training = {tuple(s.words) for s in trained}
+    assert len(selection) == 3 and len(training) == len(trained) == 7
+    assert not selection & training
+    assert selection | training == {tuple(w for w, _ in s) for s in sentences}

@@ -84,9 +84,27 @@ def _model(tiny_model_dir, fuse_layer, head="token", num_labels=5, **settings) -
                                            id2label=[f"L{i}" for i in range(num_labels)], **settings).eval()
 
 
+def _make_differences_visible(model: DLFAPreTrainedModel) -> None:
+    """Redraw the encoder blocks' weight matrices from N(0, 0.1) and every gate parameter from N(0, 0.5).
+
+    At initialisation the tiny random encoder's layers lie about 0.02 apart and g stays within a few hundredths of
+    0.5 whatever it reads, so the wrong layer or a gate that pools over padding moves the output by 1e-3 or less;
+    with these weights the layers lie about 0.5 apart and such mistakes move real tokens' features by 0.02 to 0.8
+    (thousands of times the tests' tolerance of 1e-5).
+    """
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.encoder.encoder.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        for param in model.fusion.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
 @pytest.mark.parametrize("head", ["token", "sequence"])
 def test_padding_does_not_change_real_tokens(tiny_model_dir, head):
     model = _model(tiny_model_dir, fuse_layer=2, head=head)
+    _make_differences_visible(model)  # a gate that pooled over padding would change the logits by > 0.02
     ids = torch.tensor([[0, 10, 11, 12, 2]])
     mask = torch.ones_like(ids)
     padded_ids = torch.cat([ids, torch.full((1, 6), 1)], dim=1)
@@ -97,6 +115,74 @@ def test_padding_does_not_change_real_tokens(tiny_model_dir, head):
     if head == "token":
         padded = padded[:, : ids.size(1)]
     torch.testing.assert_close(plain, padded, atol=1e-5, rtol=1e-5)
+
+
+def _reference_fusion(gate: AIFGate, last: torch.Tensor, lower: torch.Tensor, mask: torch.Tensor,
+                      pool_padding: bool = False) -> torch.Tensor:
+    """L = L1 g + L2 (1 - g), g = sigmoid(local(W) + global(W)), W = (L1 + L2) / 2, written out independently of
+    the model's modules (default placement: Linear -> LayerNorm -> ReLU -> Linear). The global branch pools W over
+    the real tokens, counted one by one (``pool_padding``: over every position, the wrong way)."""
+
+    def bottleneck(branch, x):
+        h = x @ branch.down.weight.T + branch.down.bias
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + branch.norm.eps)
+        h = torch.clamp(h * branch.norm.weight + branch.norm.bias, min=0)
+        return h @ branch.up.weight.T + branch.up.bias
+
+    w = (last + lower) / 2
+    pooled = []
+    for b in range(w.size(0)):
+        rows = [w[b, t] for t in range(w.size(1)) if pool_padding or mask[b, t]]
+        pooled.append(sum(rows) / len(rows))
+    g = torch.sigmoid(bottleneck(gate.local_branch, w) + bottleneck(gate.global_branch, torch.stack(pooled))[:, None])
+    return last * g + lower * (1 - g)
+
+
+@pytest.mark.parametrize("fuse_layer", [1, 2, 3])
+def test_model_fuses_the_last_layer_with_layer_x_exactly(tiny_model_dir, fuse_layer):
+    """The head reads L computed from hidden_states[N] (L1) and hidden_states[x] (L2), with the global branch
+    pooling over real tokens only: checked against the written-out equations on a padded batch."""
+    model = _model(tiny_model_dir, fuse_layer=fuse_layer)
+    _make_differences_visible(model)
+    ids = torch.tensor([[0, 10, 11, 12, 13, 2], [0, 14, 15, 2, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        out = model(ids, mask, output_hidden_states=True)
+        hidden = model.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        assert len(hidden) == 5  # embeddings + 4 blocks: L1 = hidden[4]
+        for mine, theirs in zip(out.hidden_states, hidden, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+        expected = _reference_fusion(model.fusion.gate, hidden[4], hidden[fuse_layer], mask)
+        torch.testing.assert_close(out.features, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logits, model.classifier(expected), atol=1e-5, rtol=1e-5)
+        # The test has the power to tell: a neighbouring L2, another L1 or a mean over padding moves the real
+        # tokens' features by more than 1000 times the tolerance.
+        real = mask.bool()
+        wrong = {f"L2 = hidden[{x}]": _reference_fusion(model.fusion.gate, hidden[4], hidden[x], mask)
+                 for x in (fuse_layer - 1, fuse_layer + 1)}
+        wrong["L1 = hidden[3]"] = _reference_fusion(model.fusion.gate, hidden[3], hidden[fuse_layer], mask)
+        wrong["padding pooled"] = _reference_fusion(model.fusion.gate, hidden[4], hidden[fuse_layer], mask,
+                                                    pool_padding=True)
+        for name, features in wrong.items():
+            assert (features[real] - expected[real]).abs().max() > 0.01, name
+
+
+def test_sequence_head_reads_the_first_token_through_dense_and_tanh(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=2, head="sequence", num_labels=3)
+    ids = torch.tensor([[0, 10, 11, 12, 2], [0, 13, 2, 1, 1]])
+    mask = (ids != 1).long()
+    head = model.classifier
+    with torch.no_grad():
+        for linear in (head.dense, head.out_proj):
+            linear.weight.normal_(0.0, 0.5)
+        out = model(ids, mask)
+        first = out.features[:, 0]
+        expected = torch.tanh(first @ head.dense.weight.T + head.dense.bias) @ head.out_proj.weight.T + head.out_proj.bias
+        torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+        # Power: the mean over tokens, or no tanh, gives other logits.
+        mean = out.features.mean(dim=1)
+        assert (head.out_proj(torch.tanh(head.dense(mean))) - expected).abs().max() > 0.05
+        assert (head.out_proj(head.dense(first)) - expected).abs().max() > 0.05
 
 
 def test_gradients_reach_both_fused_layers_and_the_gate(tiny_model_dir):
@@ -203,6 +289,16 @@ def test_sequence_loss_is_float32_cross_entropy_over_the_batch(tiny_model_dir):
     torch.testing.assert_close(out.loss, expected)
     assert out.features.shape == (2, 4, 32) and out[0] is out.loss  # indexable, as Trainer reads it
 
+
+
+def test_loss_is_float32_for_a_half_precision_model(tiny_model_dir):
+    model = _model(tiny_model_dir, fuse_layer=2).to(torch.bfloat16)
+    ids = torch.tensor([[0, 10, 11, 12, 2]])
+    labels = torch.tensor([[-100, 3, 0, 4, -100]])
+    out = model(ids, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(out.logits[0].float(), labels[0], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=0, rtol=0)
 
 # -- configuration ------------------------------------------------------------------------------------------------
 

@@ -158,6 +158,30 @@ def test_panx_score_from_features(tiny_tokenizer):
     assert miss["precision"] == pytest.approx(100.0) and miss["recall"] == pytest.approx(50.0)
 
 
+
+def test_token_predictions_are_read_at_the_labelled_sub_token(tiny_tokenizer):
+    """predict() returns, per feature, the model's prediction at each labelled sub-token, in order, whatever the
+    batching and padding: a model whose prediction at position t is t shows exactly which positions were read."""
+    import torch
+
+    from dlfa.evaluation.evaluate import predict
+
+    class PositionModel(torch.nn.Module):
+        head_type = "token"
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            positions = torch.arange(input_ids.size(1)).expand(input_ids.size(0), -1)
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(positions, 64).float()})()
+
+    # Multi-piece words ("Merkel", "Katzen") and a bare-"▁" CJK word, so labelled positions are not every position.
+    sentences = [TaggedSentence(["the", "Merkel", "cat"], ["O", "B-PER", "O"]), TaggedSentence(["Paris"], ["B-LOC"]),
+                 TaggedSentence(["猫", "Katzen", "sat", "on", "der"], ["O"] * 5)]
+    features = PANX.featurize(sentences, tiny_tokenizer, 64)
+    labelled = [[i for i, label in enumerate(f["labels"]) if label != IGNORE_INDEX] for f in features]
+    assert any(b - a > 1 for positions in labelled for a, b in zip(positions, positions[1:]))  # gaps exist
+    for batch_size in (1, 2, 3):
+        assert predict(PositionModel(), features, Collator(tiny_tokenizer, "token"), batch_size) == labelled
+
 # -- XNLI ----------------------------------------------------------------------------------------------------------
 
 XNLI_PLAIN = "A man sleeps.\tA person rests.\tentailment\nA man sleeps.\tA cat runs.\tneutral\nA\tB\tcontradiction\n"

@@ -751,6 +751,27 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     assert [mixed["languages"][x]["inference"] for x in ("de", "fr")] == ["mixup", "target-only"]
 
 
+
+def test_without_back_translations_every_batch_mixes_with_the_gold_source(tiny_model_dir, tiny_xnli_dir, tmp_path,
+                                                                         monkeypatch):
+    """The schedule only chooses between gold and back-translated sources: without back-translations every batch
+    is mixed with its gold source, however low the schedule's p has fallen (k = 0.5: p < 0.1 after two steps)."""
+    sources = []
+    original = XMixupModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            sources.append(kwargs.get("src_input_ids"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(XMixupModel, "forward", spy)
+    recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", languages=["de"],
+                                  xmixup_schedule_k=0.5), show_progress=False)
+    metrics = recipe.run()
+    assert len(sources) == recipe.total_steps == 5 and all(s is not None for s in sources)
+    assert gold_probability(4, 5, "inverse_sigmoid", 0.5) < 0.01
+    assert metrics["selection"]["history"][-1]["xmixup"]["gold_fraction"] == 1.0
+
 @pytest.mark.parametrize("entropy", ["authors", "masked"])
 def test_authors_entropy_pads_every_row_to_max_length(tiny_model_dir, tiny_xnli_dir, tmp_path, entropy):
     recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", max_length=40, xmixup_entropy=entropy),
@@ -1032,6 +1053,46 @@ def test_tagging_mixup_inference_with_a_translate_test_file(tiny_model_dir, tiny
     with pytest.raises(DlfaInputError, match=r"ja.txt: 2 translations for 1 examples"):
         XMixupRecipe(config, show_progress=False).run()
 
+
+
+def test_tagging_back_translations_train_the_target_term_alone(tiny_model_dir, tiny_udpos_dir, tmp_path, monkeypatch):
+    """Tagging with back-translations: a batch whose source is gold trains alpha CE(source tags) + (1 - alpha)
+    SoftCE(target); a back-translated source has no tags, so its batch trains the target term alone, even where
+    the rows are padded to one length (the authors' entropy) and the gold tags would fit the back-translation."""
+    import dlfa.training.xmixup as xmixup_training
+
+    parallel = _tagging_file(tmp_path / "en-de.tsv", "tags")
+    # Back-translations: the English sources with the word "gato" in front, so a batch shows which source it used.
+    back = _write(tmp_path / "bt-de.txt", [["gato " + row[0]] for row in TAGGED])
+    config = TrainConfig.from_dict({
+        "task": "udpos", "model": str(tiny_model_dir), "data_dir": str(tiny_udpos_dir),
+        "output_dir": str(tmp_path / "r"), "languages": ["de"], "epochs": 2, "batch_size": 4, "learning_rate": 1e-3,
+        "seed": 3, "max_length": 32, "method": "xmixup", "xmixup_parallel": [f"de={parallel}"],
+        "xmixup_back_translation": [f"de={back}"], "xmixup_schedule_k": 2.0})
+    calls, sources = [], []
+    objective, forward = xmixup_training.tagging_objective, XMixupModel.forward
+
+    def spy_objective(output, source_labels, soft_labels, alpha, mse_weight=1.0):
+        calls.append(source_labels)
+        return objective(output, source_labels, soft_labels, alpha, mse_weight)
+
+    def spy_forward(self, *args, **kwargs):
+        if self.training:
+            sources.append(kwargs.get("src_input_ids"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(xmixup_training, "tagging_objective", spy_objective)
+    monkeypatch.setattr(XMixupModel, "forward", spy_forward)
+    recipe = XMixupRecipe(config, show_progress=False)
+    metrics = recipe.run()
+    steps = recipe.total_steps
+    expected = [draw_gold(3, step, 0, gold_probability(step, steps, "inverse_sigmoid", 2.0)) for step in range(steps)]
+    assert steps == 4 and 0 < sum(expected) < steps  # both kinds of batch occur
+    gato = recipe.tokenizer.convert_tokens_to_ids("▁gato")
+    assert [not bool((s == gato).any(dim=1).all()) for s in sources] == expected
+    assert all(s.shape[1] == 32 for s in sources)  # padded to max_length: gold tags would fit any source
+    assert [labels is not None for labels in calls] == expected  # tags only for the gold English sources
+    assert metrics["xmixup"]["scheduled_sampling"]["active"] is True
 
 def test_finetune_recipe_refuses_an_xmixup_config(tiny_udpos_dir, tmp_path):
     from dlfa.training.recipe import FinetuneRecipe
