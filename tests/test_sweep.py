@@ -207,3 +207,22 @@ def test_unreachable_ray_cluster_is_one_line(tiny_model_dir, tiny_udpos_dir, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dlfa: error: option --ray-address: cannot reach a Ray cluster at 'auto'")
     assert not out.exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_gate_init_variant_has_rows_of_its_own(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    """A DLFA variant (--gate-init baseline) sits beside the paper's D_x, compared with the same baseline."""
+    out = tmp_path / "sweep"
+    common = ["sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir), "--model", str(tiny_model_dir),
+              "--layers", "2", "--seeds", "1", "--epochs", "1", "--batch-size", "4", "--languages", "de",
+              "--output", str(out)]
+    assert main(common) == 0 and main([*common, "--gate-init", "baseline", "--no-baseline"]) == 0
+    rows = out / "udpos" / tiny_model_dir.name
+    assert sorted(p.name for p in rows.iterdir() if p.is_dir()) == ["D_2", "baseline", "gate-baseline+D_2"]
+    metrics = json.loads((rows / "gate-baseline+D_2" / "seed-1" / "metrics.json").read_text())
+    assert (metrics["method"], metrics["fuse_layer"]) == ("gate-baseline", 2)
+    report = Report(collect_runs([out]).runs)
+    table, _ = report.table1()
+    assert [row[1] for row in table.rows] == ["baseline", "D_2", "gate-baseline+D_2"]
+    variant = next(r.row for r in report.runs if r.row.family == "gate-baseline")
+    assert variant.base.label == "baseline"

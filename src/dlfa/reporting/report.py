@@ -114,8 +114,11 @@ class Row:
 
     @property
     def base(self) -> Row:
-        """The same method without fusion: what a D_x row is compared with."""
-        return Row(self.family, None)
+        """The same method without fusion: what a D_x row is compared with (a DLFA variant such as
+        ``gate-baseline+D_8`` is compared with the method's own baseline, which has no gate)."""
+        from dlfa.training.config import VARIANT_NAMES
+
+        return Row("+".join(p for p in self.family.split("+") if p and p not in VARIANT_NAMES), None)
 
     def sort_key(self) -> tuple:
         return (self.family != "", self.family, self.fuse_layer is not None, self.fuse_layer or 0)

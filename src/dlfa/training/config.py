@@ -33,6 +33,22 @@ _LANGUAGE = re.compile(r"[a-z]{2,3}([_-][A-Za-z0-9]+)*")
 _SPLITS = Literal["train", "dev", "test"]
 
 
+# DLFA settings that make a run a variant of DLFA rather than the paper's D_x: its own row in sweeps and reports.
+DLFA_VARIANTS: dict[str, dict[str, str]] = {"gate_init": {"baseline": "gate-baseline"},
+                                            "aif_norm_placement": {"mscam": "mscam"}, "aif_norm": {"none": "no-norm"}}
+VARIANT_NAMES = frozenset(name for names in DLFA_VARIANTS.values() for name in names.values())
+
+
+def method_family(config: TrainOptions | TrainConfig, fuse_layer: int | None) -> str:
+    """The report row family of a run: "" for the paper's baseline and D_x, else the training method and the DLFA
+    variants joined by "+" (e.g. "gate-baseline", "xmixup+mscam"); the row label adds "+D_x"."""
+    parts = [] if config.method == "finetune" else [config.method]
+    if fuse_layer is not None:
+        parts += [names[getattr(config, field)] for field, names in DLFA_VARIANTS.items()
+                  if getattr(config, field) in names]
+    return "+".join(parts)
+
+
 def check_task_name(task: str, option_name: str = "--task") -> None:
     if task not in TASK_NAMES:
         raise DlfaInputError(f"unknown task {task!r} (known: {', '.join(sorted(TASK_NAMES))})", option=option_name)

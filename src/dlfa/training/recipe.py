@@ -46,7 +46,7 @@ from dlfa.modeling.modeling_dlfa import (
 from dlfa.modeling.storage import config_input_error, load_dlfa_model, save_dlfa_model
 from dlfa.tasks import get_task
 from dlfa.training.checkpoint import load_checkpoint, save_checkpoint
-from dlfa.training.config import LOCATION_FIELDS, TrainConfig
+from dlfa.training.config import LOCATION_FIELDS, TrainConfig, method_family
 
 logger = logging.getLogger("dlfa")
 
@@ -240,7 +240,8 @@ class FinetuneRecipe:
 
     def _method_fields(self) -> dict[str, Any]:
         """What metrics.json says about the method (reports make one row per method and fused layer)."""
-        return {"method": "dlfa" if self.config.fuse_layer is not None else "baseline",
+        family = method_family(self.config, self.config.fuse_layer)
+        return {"method": family or ("dlfa" if self.config.fuse_layer is not None else "baseline"),
                 "fuse_layer": self.config.fuse_layer}
 
     def _check_output_dir(self) -> None:

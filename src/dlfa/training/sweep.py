@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dlfa.errors import DlfaInputError
-from dlfa.training.config import SweepConfig, TrainConfig
+from dlfa.training.config import SweepConfig, TrainConfig, method_family
 
 logger = logging.getLogger("dlfa")
 
@@ -42,16 +42,17 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.rstrip("/").split("/")[-1] if "/" in model else model)
 
 
-def row_name(method: str, fuse_layer: int | None) -> str:
-    """``baseline`` / ``D_x`` for fine-tuning, ``<method>`` / ``<method>+D_x`` otherwise: the report's row label."""
+def row_name(family: str, fuse_layer: int | None) -> str:
+    """``baseline`` / ``D_x`` for the paper's rows, ``<family>`` / ``<family>+D_x`` otherwise (``method_family``):
+    the report's row label."""
     from dlfa.reporting.report import Row
 
-    return Row("" if method == "finetune" else method, fuse_layer).label
+    return Row("" if family == "finetune" else family, fuse_layer).label
 
 
 def cell_dir(output: str | Path, task: str, model: str, fuse_layer: int | None, seed: int,
-             method: str = "finetune") -> Path:
-    return Path(output) / task / model_slug(model) / row_name(method, fuse_layer) / f"seed-{seed}"
+             family: str = "") -> Path:
+    return Path(output) / task / model_slug(model) / row_name(family, fuse_layer) / f"seed-{seed}"
 
 
 def plan_cells(sweep: SweepConfig) -> list[TrainConfig]:
@@ -83,7 +84,8 @@ def plan_cells(sweep: SweepConfig) -> list[TrainConfig]:
         task.resolve_languages(data_dirs[task_name], options.languages, option="--languages")
         for fuse_layer in rows:
             for seed in sweep.seeds:
-                out = cell_dir(sweep.output_dir, task_name, options.model, fuse_layer, seed, options.method)
+                out = cell_dir(sweep.output_dir, task_name, options.model, fuse_layer, seed,
+                               method_family(options, fuse_layer))
                 try:
                     cell = TrainConfig(**sweep.train, task=task_name, data_dir=data_dirs[task_name],
                                        fuse_layer=fuse_layer, seed=seed, output_dir=str(out))

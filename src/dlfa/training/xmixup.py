@@ -779,7 +779,7 @@ class XMixupRecipe(FinetuneRecipe):
             write_json_atomic(path, data)
 
     def _method_fields(self) -> dict[str, Any]:
-        return {"method": "xmixup", "fuse_layer": self.config.fuse_layer, "xmixup": self._xmixup_record()}
+        return {**super()._method_fields(), "xmixup": self._xmixup_record()}
 
 
 def _fmt(value: float | None) -> str:
