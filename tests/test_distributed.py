@@ -52,30 +52,41 @@ def _run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return done
 
 
-def kill_9(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers (they run in sessions of their own, so killing its group is not enough)."""
-    children = []
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parents[int(Path(stat).parent.name)] = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if int(fields[1]) == proc.pid:
-            children.append(int(Path(stat).parent.name))
-    for pid in [*children, proc.pid]:
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it (its workers run in sessions of their own, so killing its group
+    is not enough), and wait until they are gone before anything else touches the run folder."""
+    victims = [*_descendants(proc.pid), proc.pid]
+    for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
-    for pid in children:  # dead (gone, or a zombie) before anything else touches the run folder
-        while True:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            except OSError:
-                break
-            time.sleep(0.01)
+    deadline = time.time() + 60
+    while not all(_dead(pid) for pid in victims) and time.time() < deadline:
+        time.sleep(0.01)
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
