@@ -7,25 +7,37 @@ Data: UD English-EWT (and, for evaluation, every UD test set) from ``../shared/d
 it is absent the runner says so and exits 0. Model: ``embedded:multilingual-e5-small`` (``--model``: any local
 folder or hub id). Sections (``--only a,b,...``):
 
-a. Training throughput in real (non-padding, special tokens included) tokens per second: dlfa's pipeline
-   (``train_loader(group_by_length=True)`` + ``Collator`` padding each batch to its longest member) against
-   XTREME's (``Collator(pad_to=128)``, random batches). The dlfa batches are a seeded random sample of the
-   batches of one full length-grouped epoch over EWT train (the recipe's loader); the fixed-128 batches hold
-   exactly the same features, shuffled. Same model and optimizer (AdamW as in the recipe, gradient clipping
-   1.0), same number of optimizer steps; the two variants alternate step by step (A B B A ...) after warm-up
-   steps. Padding fractions are given for the timed batches and for a full EWT epoch (computed from lengths).
+"dlfa" below means dlfa's defaults: length-grouped batches padded to their longest member, the recipe's precision
+(``--precision auto``: bf16 autocast on a CPU with native bf16, fp32 on other CPUs, bf16 on CUDA) and optimizer
+(``--adamw-implementation auto``: fused AdamW; ``--embedding-updates lazy``: sparse embedding gradients, lazy
+AdamW rows; see ``dlfa.training.optim``). Every variant clips gradients at 1.0 as the recipe does.
+
+a. Training throughput in real (non-padding, special tokens included) tokens per second, three variants of one
+   model alternating step by step (A B C, C B A, ...) after warm-up steps: ``dlfa``; ``fixed128``, XTREME's
+   pipeline (``Collator(pad_to=128)``, random batches, fp32, ``torch.optim.AdamW`` with torch's CPU kernel over
+   the dense table); ``dlfa-fp32-dense``, dlfa's batches with XTREME's precision and optimizer (dlfa before the
+   precision and optimizer options). The dlfa batches are a seeded random sample of the batches of one full
+   length-grouped epoch over EWT train (the recipe's loader); the fixed-128 batches hold exactly the same
+   features, shuffled. Padding fractions are given for the timed batches and for a full EWT epoch.
 b. DLFA (``--fuse-layer``, default D_8) step time / baseline step time on the same dlfa batches in the same
    order (``--overhead-steps`` batches, each trained ``--overhead-repeats`` times per model, A B B A); two
-   models from the same encoder weights; the ratio compares each batch's fastest step (see the function).
+   models from the same encoder weights, dlfa's precision and optimizer; the ratio compares each batch's fastest
+   step (see the function).
 c. Zero-shot evaluation throughput: ``predict(sort_by_length=True)`` with dynamic padding against
-   ``predict(sort_by_length=False)`` with ``Collator(pad_to=128)``, over every UD test set in the data folder
-   (a seeded sample of ``--eval-sentences`` sentences per treebank; on CPU the default is a sample because
-   fixed-128 evaluation of all 20k sentences takes hours there), alternating which goes first per treebank.
-d. Peak memory when training (batch ``--batch-size``, the longest dlfa batch): one fresh subprocess per
-   variant (baseline, DLFA, DLFA with frozen word embeddings) reporting ``ru_maxrss`` and, on CUDA,
-   ``torch.cuda.max_memory_allocated``.
+   ``predict(sort_by_length=False)`` with ``Collator(pad_to=128)``, both in dlfa's precision (this section
+   measures padding; f measures precision), over every UD test set in the data folder (a seeded sample of
+   ``--eval-sentences`` sentences per treebank; on CPU the default is a sample because fixed-128 evaluation of
+   all 20k sentences takes hours there), alternating which goes first per treebank.
+d. Peak memory when training D_x at batch ``--batch-size`` on the longest batch of an epoch (padded length 128),
+   ``--memory-steps`` steps (default 2: the second runs with the AdamW moments allocated, as every step of a
+   run after the first): one fresh subprocess per variant (``MEMORY_VARIANTS``: dlfa before the options, dlfa
+   in fp32, dlfa with dense embedding updates, dlfa, dlfa with frozen word embeddings) reporting the peak RSS
+   (``VmHWM``, ``ru_maxrss``) and, on CUDA, ``torch.cuda.max_memory_allocated``.
 e. CUDA only (bf16 autocast): model FLOP utilisation of an mBERT-size encoder (random init: 12 layers, H 768,
    12 heads, FF 3072, vocab 119547) trained on the batches of (a), dynamic against fixed-128 padding.
+f. bf16 autocast against fp32, everything else dlfa's: training tokens/s (one model and optimizer, the steps
+   alternating between the precisions), evaluation tokens/s (``predict`` of section c's sample, sorted batches)
+   with the share of equal predictions, and peak RSS (section d's ``dlfa`` against ``dlfa-fp32``).
 
 FLOPs (sections a and e), for a batch of sequences with real lengths T_i, N = non-embedding parameters
 (encoder blocks, fusion, head), L layers, hidden size H::

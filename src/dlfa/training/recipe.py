@@ -8,6 +8,21 @@ A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/
 Hugging Face model folder with its tokenizer, see ``dlfa.modeling.storage``; its model card ``README.md`` is
 written from ``metrics.json``) and ``metrics.json``, which marks a finished run. Files are written atomically, so a folder never holds a
 half-written file; a run whose ``metrics.json`` is missing did not finish.
+
+Precision and optimizer (docs/training.md):
+
+* ``--mixed-precision auto`` (default) is bf16 autocast on a CPU with native bf16 instructions and fp32 elsewhere
+  (:mod:`dlfa.training.precision`); training and every evaluation autocast alike. Weights, gradients and AdamW
+  moments stay fp32. The precision and the reason are logged, printed and kept in ``config.json``.
+* The optimizer is AdamW (weight decay on every parameter of two or more dimensions, none on biases and norms),
+  by default with torch's fused kernel (``--adamw-implementation``: the same update rule in one pass).
+* ``--embedding-updates lazy`` (default) departs from AdamW for the word-embedding table only: its gradient is
+  sparse (the batch's rows) and only those rows are updated, with AdamW's exact update at the global step; rows a
+  batch does not touch get neither weight decay nor a momentum step, and their moments do not decay until the
+  row is next seen ("lazy Adam", :mod:`dlfa.training.optim`, whose docstring tabulates every difference). Moments
+  are kept for the rows seen so far only; checkpoints hold them in AdamW's layout, and resumption is exact.
+  ``--embedding-updates dense --adamw-implementation for-loop --mixed-precision no`` is the optimizer and
+  precision of dlfa before these options (torch's AdamW, fp32).
 """
 
 from __future__ import annotations
@@ -58,6 +73,9 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
 CHECKPOINT_DIR = "checkpoint"
 FAILED_FILE = "failed.json"
+# What runs saved before these options existed did: torch's AdamW over the dense table (for-loop kernel on CPU; on
+# GPUs torch's default, foreach, the same update).
+LEGACY_VALUES = {"adamw_implementation": "for-loop", "embedding_updates": "dense"}
 # Everything a run writes into its folder: --overwrite removes these (and nothing else) before it trains again.
 RUN_ARTEFACTS = (BEST_DIR, METRICS_FILE, CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FAILED_FILE)
 
@@ -111,7 +129,9 @@ class FinetuneRecipe:
         # The processes of a data-parallel run meet here (no file is written by this): everything below is checked
         # by every process, and only the main process writes. The device decides what --mixed-precision auto means.
         on_cpu = cfg.cpu or _cpu_processes()
-        self.mixed_precision, self.precision_reason = self._resolve_precision(PartialState(cpu=on_cpu).device)
+        process_state = PartialState(cpu=on_cpu)
+        self.mixed_precision, self.precision_reason = self._resolve_precision(process_state.device)
+        _release_accelerator_state(self.mixed_precision, process_state.num_processes)
         self.accelerator = accelerator = Accelerator(
             mixed_precision=self.mixed_precision,
             cpu=on_cpu,
@@ -714,7 +734,8 @@ def _saved_run(run_dir: Path) -> dict[str, Any] | None:
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
         saved = {k: v for k, v in saved.items() if k not in LOCATION_FIELDS}
-        return TrainConfig.from_dict({**saved, "output_dir": str(run_dir)}).run_fields()
+        # A run saved before an option existed ran with that option's old behaviour, not with today's default.
+        return TrainConfig.from_dict({**LEGACY_VALUES, **saved, "output_dir": str(run_dir)}).run_fields()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, DlfaInputError):
         return None
 
@@ -799,6 +820,17 @@ class StepMeter:
             values["train/grad_norm"] = float(self.grad_norm)
         self.loss, self.batches, self.tokens, self.since = 0.0, 0, 0, time.time()
         return values
+
+
+def _release_accelerator_state(mixed_precision: str, num_processes: int) -> None:
+    """accelerate keeps one mixed precision per process and refuses another one: a run in a (single) process that
+    ran a run of another precision before (the Python API, a notebook) starts from a fresh accelerator state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    before = AcceleratorState._shared_state.get("_mixed_precision")
+    if before is not None and before != mixed_precision and num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 def _cpu_processes() -> bool:
