@@ -38,6 +38,8 @@ e. CUDA only (bf16 autocast): model FLOP utilisation of an mBERT-size encoder (r
 f. bf16 autocast against fp32, everything else dlfa's: training tokens/s (one model and optimizer, the steps
    alternating between the precisions), evaluation tokens/s (``predict`` of section c's sample, sorted batches)
    with the share of equal predictions, and peak RSS (section d's ``dlfa`` against ``dlfa-fp32``).
+g. One AdamW step of the model on one batch's gradients per kernel: torch's for-loop, foreach and fused kernels
+   over the whole table, and lazy updates (fused kernel, the table's rows in the batch); alternating.
 
 FLOPs (sections a and e), for a batch of sequences with real lengths T_i, N = non-embedding parameters
 (encoder blocks, fusion, head), L layers, hidden size H::
@@ -192,11 +194,11 @@ def build_settings(args: argparse.Namespace) -> Settings:
     values = {**base, **given}
     if values["eval_sentences"] == 0:
         values["eval_sentences"] = None  # every sentence of every test set
-    default_sections = ("a", "b", "c", "d", "e", "f") if args.device == "cuda" else ("a", "b", "c", "d", "f")
+    default_sections = ("a", "b", "c", "d", "e", "f", "g") if args.device == "cuda" else ("a", "b", "c", "d", "f", "g")
     sections = tuple(args.only.split(",")) if args.only else default_sections
-    unknown = sorted(set(sections) - set("abcdef"))
+    unknown = sorted(set(sections) - set("abcdefg"))
     if unknown:
-        raise SystemExit(f"run.py: unknown section(s) {','.join(unknown)}; choose among a,b,c,d,e,f")
+        raise SystemExit(f"run.py: unknown section(s) {','.join(unknown)}; choose among a,b,c,d,e,f,g")
     threads = args.threads or (1 if args.device == "cpu" else os.cpu_count() or 1)
     bf16, reason = resolve_precision("fp32" if args.no_bf16 else args.precision, args.device)
     return Settings(device=args.device, quick=args.quick, model=args.model, data_dir=args.data_dir,
@@ -926,6 +928,54 @@ def bench_precision(ctx: Context) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------------------------------------------------------- g
+
+
+def bench_optimizer(ctx: Context) -> dict[str, Any]:
+    """Section g: one AdamW step of the model D_x per kernel, on the gradients of one batch.
+
+    The gradients of one dlfa batch are computed once; each variant (torch's for-loop, foreach and fused kernels
+    over the dense table, and lazy updates with the fused kernel on the table's sparse gradient: the same
+    gradient, its non-zero rows) has its own optimizer and state, and the variants alternate (A B C D, D C B A)
+    after a warm-up step that allocates their state. Wall and process-CPU seconds of ``optimizer.step()``."""
+    from dlfa.training.optim import word_embeddings
+
+    s = ctx.settings
+    model = ctx.model(fuse=True)
+    table = word_embeddings(model).weight
+    inputs = {k: v.to(s.torch_device) for k, v in ctx.dynamic_batches[0].items()}
+    with autocast(s):
+        model(**inputs).loss.backward()
+    dense_grad = table.grad.detach().clone()
+    rows = dense_grad.abs().sum(dim=1).nonzero().flatten()
+    sparse_grad = torch.sparse_coo_tensor(rows.unsqueeze(0), dense_grad[rows], dense_grad.shape).coalesce()
+    variants = {"for-loop": ("for-loop", "dense"), "foreach": ("foreach", "dense"), "fused": ("fused", "dense"),
+                "lazy (fused)": ("fused", "lazy")}
+    optimizers = {name: optimizer_for(model, kernel, updates) for name, (kernel, updates) in variants.items()}
+
+    def step(name: str) -> Timing:
+        table.grad = sparse_grad if variants[name][1] == "lazy" else dense_grad
+        sync(s.torch_device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        optimizers[name].step()
+        sync(s.torch_device)
+        return 0.0, time.perf_counter() - start, 0.0, time.process_time() - cpu_start
+
+    repeats = 1 if s.quick else 3
+    log("g: warm-up (one step per kernel: allocates the AdamW state)")
+    alternate({name: lambda i, n=name: step(n) for name in variants}, 1)
+    log(f"g: timing {repeats} optimizer steps per kernel (alternating)")
+    times = alternate({name: lambda i, n=name: step(n) for name in variants}, repeats)
+    result: dict[str, Any] = {"repeats": repeats, "table_rows": int(table.shape[0]), "rows_in_batch": len(rows),
+                              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for name in variants:
+        walls = [t[1] for t in times[name]]
+        result[name] = {"median_s": statistics.median(walls), "min_s": min(walls),
+                        "cpu_median_s": statistics.median(t[3] for t in times[name]), "step_s": walls}
+    free(model, optimizers)
+    return result
+
+
 def precision_memory(results: dict[str, Any]) -> dict[str, Any] | None:
     """Peak RSS bf16 / fp32 from section d (dlfa against dlfa-fp32), when both ran in bf16 and fp32."""
     d = results["sections"].get("d") or {}
@@ -942,7 +992,7 @@ def precision_memory(results: dict[str, Any]) -> dict[str, Any] | None:
 def table(results: dict[str, Any]) -> str:
     """The headline figures as a Markdown table."""
     rows = [("measurement", "dlfa", "baseline", "ratio", "target")]
-    a, b, c, d, e, f = (results["sections"].get(k) for k in "abcdef")
+    a, b, c, d, e, f, g = (results["sections"].get(k) for k in "abcdefg")
     if a:
         dlfa_name = "dlfa ({precision}, {adamw_implementation} AdamW, {embedding_updates} emb.)".format(
             **a["variants"]["dlfa"])
@@ -1036,6 +1086,12 @@ def table(results: dict[str, Any]) -> str:
         ], "", ""))
         rows.append((f"e. MFU vs {e['peak_tflops']:.0f} TFLOP/s peak", f"{e['dlfa']['mfu']:.1%}",
                      f"{e['fixed128']['mfu']:.1%}", "", ""))
+    if g:
+        for name in ("for-loop", "foreach", "fused", "lazy (fused)"):
+            rows.append((f"g. AdamW step, {name}" + (f" ({g['rows_in_batch']} of {g['table_rows']} table rows)"
+                                                      if name.startswith("lazy") else " (whole table)"),
+                         f"{g[name]['median_s']:.3f} s (median of {g['repeats']})", "",
+                         f"{g['for-loop']['median_s'] / g[name]['median_s']:.1f}x vs for-loop", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -1085,7 +1141,7 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "a": bench_training, "b": bench_dlfa_overhead, "c": bench_evaluation, "d": bench_memory, "e": bench_mfu,
-    "f": bench_precision,
+    "f": bench_precision, "g": bench_optimizer,
 }
 
 
