@@ -42,7 +42,6 @@ project's CPU). All three compute AdamW's update; results differ in the last bit
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,8 +49,6 @@ import torch
 from torch import nn
 from torch.optim.adam import adam as adam_update
 from torch.optim.optimizer import _get_fused_kernels_supported_devices, _get_scalar_dtype
-
-logger = logging.getLogger("dlfa")
 
 LAZY_GROUP = "lazy_rows"  # param-group flag: the group's parameters get row-sparse gradients and lazy updates
 ROWS = "rows"  # state key (compact store only): the table row of each stored moment row
