@@ -934,7 +934,7 @@ def bench_precision(ctx: Context) -> dict[str, Any]:
 def bench_optimizer(ctx: Context) -> dict[str, Any]:
     """Section g: one AdamW step of the model D_x per kernel, on the gradients of one batch.
 
-    The gradients of one dlfa batch are computed once; each variant (torch's for-loop, foreach and fused kernels
+    The gradients of the longest batch of an epoch (section d's; the most table rows) are computed once; each variant (torch's for-loop, foreach and fused kernels
     over the dense table, and lazy updates with the fused kernel on the table's sparse gradient: the same
     gradient, its non-zero rows) has its own optimizer and state, and the variants alternate (A B C D, D C B A)
     after a warm-up step that allocates their state. Wall and process-CPU seconds of ``optimizer.step()``."""
@@ -943,7 +943,8 @@ def bench_optimizer(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     model = ctx.model(fuse=True)
     table = word_embeddings(model).weight
-    inputs = {k: v.to(s.torch_device) for k, v in ctx.dynamic_batches[0].items()}
+    batch = ctx.dynamic_batches[0] if s.quick else _longest(ctx)
+    inputs = {k: v.to(s.torch_device) for k, v in batch.items()}
     with autocast(s):
         model(**inputs).loss.backward()
     dense_grad = table.grad.detach().clone()
@@ -966,7 +967,10 @@ def bench_optimizer(ctx: Context) -> dict[str, Any]:
     alternate({name: lambda i, n=name: step(n) for name in variants}, 1)
     log(f"g: timing {repeats} optimizer steps per kernel (alternating)")
     times = alternate({name: lambda i, n=name: step(n) for name in variants}, repeats)
+    distinct = sorted(len(torch.unique(b["input_ids"])) for b in ctx.dynamic_batches)
     result: dict[str, Any] = {"repeats": repeats, "table_rows": int(table.shape[0]), "rows_in_batch": len(rows),
+                              "rows_per_timed_batch_of_a_median": statistics.median(distinct),
+                              "rows_per_timed_batch_of_a_max": distinct[-1],
                               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     for name in variants:
         walls = [t[1] for t in times[name]]
@@ -1088,7 +1092,9 @@ def table(results: dict[str, Any]) -> str:
                      f"{e['fixed128']['mfu']:.1%}", "", ""))
     if g:
         for name in ("for-loop", "foreach", "fused", "lazy (fused)"):
-            rows.append((f"g. AdamW step, {name}" + (f" ({g['rows_in_batch']} of {g['table_rows']} table rows)"
+            rows.append((f"g. AdamW step, {name}" + (f" ({g['rows_in_batch']} of {g['table_rows']} table rows; "
+                                                      f"section a's batches: median "
+                                                      f"{g['rows_per_timed_batch_of_a_median']:.0f})"
                                                       if name.startswith("lazy") else " (whole table)"),
                          f"{g[name]['median_s']:.3f} s (median of {g['repeats']})", "",
                          f"{g['for-loop']['median_s'] / g[name]['median_s']:.1f}x vs for-loop", ""))
