@@ -19,11 +19,12 @@ def _train(model_dir, data_dir, out, *extra):
 
 
 def _one_line(capsys, progress: bool = False) -> str:
-    """The one error line on stderr; with ``progress``, the run had started and progress bars may precede it."""
+    """The one error line on stderr; with ``progress``, the run had started and progress bars and its setup line
+    (precision, optimizer) may precede it."""
     err = capsys.readouterr().err.strip().splitlines()
     assert not any("Traceback" in line for line in err), err
     if progress:
-        err = [line for line in err if line.startswith("dlfa:")]
+        err = [line for line in err if line.startswith("dlfa:") and not line.startswith("dlfa: precision ")]
     assert len(err) == 1, err
     return err[0]
 

@@ -20,10 +20,13 @@ from dlfa.reporting.prune import check_weights_present
 from dlfa.tasks import get_task
 
 
-def _load_run_config(run: Path) -> dict[str, Any]:
+def _load_run_file(run: Path) -> dict[str, Any]:
     path = run / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["config"]
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved["config"], dict):
+            raise TypeError("its 'config' is not an object")
+        return saved
     except FileNotFoundError:
         raise DlfaInputError("not a dlfa run folder (config.json missing)", path=run) from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -32,6 +35,7 @@ def _load_run_config(run: Path) -> dict[str, Any]:
 
 def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     """Score the selected model of a run (``config.run``) on the languages of a data folder."""
+    import torch
     from transformers import AutoTokenizer
 
     from dlfa.modeling.modeling_xmixup import XMIXUP_CONFIG_NAME
@@ -45,7 +49,13 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
     else:
         model_dir = run / "best"
     check_weights_present(model_dir)  # weights deleted by prune_run: say so, not "file missing"
-    saved = _load_run_config(run)
+    run_file = _load_run_file(run)
+    saved = run_file["config"]
+    # The precision the run evaluated in (bf16 where --mixed-precision auto chose it), so that scores match its
+    # metrics.json; runs from before the option: fp32.
+    resolved = run_file.get("resolved")
+    precision = resolved.get("mixed_precision", "no") if isinstance(resolved, dict) else "no"
+    autocast_dtype = {"bf16": torch.bfloat16}.get(precision)
     task = get_task(saved["task"])
     chosen = task.get_scorer(config.scorer if config.scorer is not None else saved.get("scorer"))
     if config.ud_preprocessing is not None and task.name != "udpos":
@@ -67,7 +77,8 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
 
         model, per_language = evaluate_folder(model_dir, task, data_dir, examples, saved.get("train_language", "en"),
                                               saved["max_length"], batch_size, config.translate_test,
-                                              scorer=chosen.name, preprocessing=preprocessing)
+                                              scorer=chosen.name, preprocessing=preprocessing,
+                                              autocast_dtype=autocast_dtype)
     else:
         if config.translate_test is not None:
             raise DlfaInputError("mixup inference needs an X-Mixup model", option="--translate-test", path=model_dir)
@@ -78,7 +89,8 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
         for lang in langs:
             features = task.featurize(examples[lang], tokenizer, saved["max_length"])
             per_language[lang] = evaluate_examples(task, model, examples[lang], features, collator, batch_size,
-                                                   desc=f"eval {lang}", scorer=chosen.name)
+                                                   desc=f"eval {lang}", scorer=chosen.name,
+                                                   autocast_dtype=autocast_dtype)
     metric_names = [k for k, v in next(iter(per_language.values())).items() if isinstance(v, float)]
     result = {
         "task": task.name,
@@ -87,6 +99,7 @@ def evaluate_run(config: EvaluateConfig) -> dict[str, Any]:
         "scorer": chosen.name,
         "primary_metric": chosen.metric,
         "eval_split": task.eval_split,
+        "precision": "bf16" if autocast_dtype is not None else "fp32",
         **({"preprocessing": preprocessing} if preprocessing else {}),
         "data_dir": str(data_dir),
         "languages": per_language,

@@ -126,7 +126,17 @@ class TrainOptions(Config):
         "none", help="tracker for the training curves (accelerate's trackers; files in RUN/logs): per-step loss, "
                      "learning rate, gradient norm and tokens/s, dev metrics at each evaluation, final scores")
     log_every: int = option(10, low=1, help="optimizer steps between tracker logs of the training curves")
-    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", help="accelerate's mixed precision")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
+        "auto", help="autocast precision of training and evaluation (accelerate's mixed precision; weights and "
+                     "optimizer stay fp32): auto = bf16 on a CPU with native bf16 instructions (avx512_bf16, "
+                     "amx_bf16, Arm bf16), fp32 on other CPUs and on GPUs; no = fp32")
+    adamw_implementation: Literal["auto", "for-loop", "foreach", "fused"] = option(
+        "auto", help="AdamW kernel (same update rule, rounding may differ): auto = fused where torch has a fused "
+                     "kernel for the device (CPU, CUDA), else torch's default")
+    embedding_updates: Literal["dense", "lazy"] = option(
+        "lazy", help="word-embedding table: lazy = sparse gradients, AdamW updates only the rows of the batch's "
+                     "tokens and keeps moments only for rows ever seen (lazy Adam: untouched rows get no weight "
+                     "decay and no momentum step; docs/training.md); dense = AdamW over the whole table")
     cpu: bool = option(False, help="stay on the CPU even when an accelerator is present")
     # X-Mixup (docs/xmixup.md: the authors' method); None: their defaults. Only with --method xmixup.
     xmixup_parallel: list[str] | None = option(

@@ -8,6 +8,21 @@ A run folder holds ``config.json`` (the resolved config), ``train.log``, ``best/
 Hugging Face model folder with its tokenizer, see ``dlfa.modeling.storage``; its model card ``README.md`` is
 written from ``metrics.json``) and ``metrics.json``, which marks a finished run. Files are written atomically, so a folder never holds a
 half-written file; a run whose ``metrics.json`` is missing did not finish.
+
+Precision and optimizer (docs/training.md):
+
+* ``--mixed-precision auto`` (default) is bf16 autocast on a CPU with native bf16 instructions and fp32 elsewhere
+  (:mod:`dlfa.training.precision`); training and every evaluation autocast alike. Weights, gradients and AdamW
+  moments stay fp32. The precision and the reason are logged, printed and kept in ``config.json``.
+* The optimizer is AdamW (weight decay on every parameter of two or more dimensions, none on biases and norms),
+  by default with torch's fused kernel (``--adamw-implementation``: the same update rule in one pass).
+* ``--embedding-updates lazy`` (default) departs from AdamW for the word-embedding table only: its gradient is
+  sparse (the batch's rows) and only those rows are updated, with AdamW's exact update at the global step; rows a
+  batch does not touch get neither weight decay nor a momentum step, and their moments do not decay until the
+  row is next seen ("lazy Adam", :mod:`dlfa.training.optim`, whose docstring tabulates every difference). Moments
+  are kept for the rows seen so far only; checkpoints hold them in AdamW's layout, and resumption is exact.
+  ``--embedding-updates dense --adamw-implementation for-loop --mixed-precision no`` is the optimizer and
+  precision of dlfa before these options (torch's AdamW, fp32).
 """
 
 from __future__ import annotations
@@ -47,6 +62,8 @@ from dlfa.modeling.storage import config_input_error, load_dlfa_model, save_dlfa
 from dlfa.tasks import get_task
 from dlfa.training.checkpoint import load_checkpoint, save_checkpoint
 from dlfa.training.config import LOCATION_FIELDS, TrainConfig, method_family
+from dlfa.training.optim import build_optimizer, clip_gradients, kernel_name, word_embeddings
+from dlfa.training.precision import cpu_bf16_flags, precision_name, resolve_mixed_precision
 
 logger = logging.getLogger("dlfa")
 
@@ -56,6 +73,9 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
 CHECKPOINT_DIR = "checkpoint"
 FAILED_FILE = "failed.json"
+# What runs saved before these options existed did: torch's AdamW over the dense table (for-loop kernel on CPU; on
+# GPUs torch's default, foreach, the same update).
+LEGACY_VALUES = {"adamw_implementation": "for-loop", "embedding_updates": "dense"}
 # Everything a run writes into its folder: --overwrite removes these (and nothing else) before it trains again.
 RUN_ARTEFACTS = (BEST_DIR, METRICS_FILE, CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR, FAILED_FILE)
 
@@ -97,7 +117,7 @@ class FinetuneRecipe:
 
     def setup(self) -> None:
         """Read and check every input; only then create the run folder, the model and the optimiser."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
         from accelerate.utils import DataLoaderConfiguration, set_seed
         from transformers import AutoConfig
 
@@ -107,10 +127,14 @@ class FinetuneRecipe:
                                  "(`dlfa train` picks the recipe of each method)", option="--method")
         check_tracker(cfg.report_to)
         # The processes of a data-parallel run meet here (no file is written by this): everything below is checked
-        # by every process, and only the main process writes.
+        # by every process, and only the main process writes. The device decides what --mixed-precision auto means.
+        on_cpu = cfg.cpu or _cpu_processes()
+        process_state = PartialState(cpu=on_cpu)
+        self.mixed_precision, self.precision_reason = self._resolve_precision(process_state.device)
+        _release_accelerator_state(self.mixed_precision, process_state.num_processes)
         self.accelerator = accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            cpu=cfg.cpu or _cpu_processes(),
+            mixed_precision=self.mixed_precision,
+            cpu=on_cpu,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             # Each batch of the loader is split between the processes: a step sees the same global batch, and the
             # number of steps (hence the schedule) is the one of a single process.
@@ -134,6 +158,9 @@ class FinetuneRecipe:
             cfg.allow_leaky_evaluation,
         )
         self._check_output_dir()
+        self._precision_warning: str | None = None
+        if self.resume_from is not None:
+            self._check_resumed_precision()
 
         # The encoder's depth decides which fused layers are valid: check before loading any weights.
         self.model_path = resolve_model(cfg.model)
@@ -175,7 +202,8 @@ class FinetuneRecipe:
         )
 
         model = self._build_model(self.model_settings)
-        optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.learning_rate)
+        optimizer = self._build_optimizer(model)
+        self._log_precision()
 
         # The same order on every process (accelerate splits each batch between them).
         self.sampler_generator = torch.Generator().manual_seed(cfg.seed)
@@ -194,6 +222,63 @@ class FinetuneRecipe:
         self._write_config()
         if cfg.report_to != "none":
             accelerator.init_trackers(self.output_dir.name or "dlfa", config=_tracker_config(self.config.to_dict()))
+
+    def _resolve_precision(self, device: torch.device) -> tuple[str, str]:
+        """accelerate's mixed precision for ``--mixed-precision`` on ``device``, and why (see
+        :mod:`dlfa.training.precision`)."""
+        requested = self.config.mixed_precision
+        precision, reason = resolve_mixed_precision(requested, device.type)
+        if precision == "fp16" and device.type == "cpu":
+            raise DlfaInputError("fp16 autocast needs a GPU; on a CPU use bf16 or auto", option="--mixed-precision")
+        if precision == "bf16" and device.type == "cpu" and requested == "bf16" and not cpu_bf16_flags():
+            reason += ", although this CPU has no native bf16 instructions (torch emulates them: slower than fp32)"
+        return precision, reason
+
+    def _check_resumed_precision(self) -> None:
+        """A run resumed where ``auto`` resolves otherwise (another machine) continues in another precision: say so."""
+        try:
+            saved = json.loads((self.output_dir / CONFIG_FILE).read_text(encoding="utf-8"))["resolved"]
+            before = saved["mixed_precision"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # a run from before precision was recorded
+        if before != self.mixed_precision:
+            self._precision_warning = (
+                f"the run trained in {precision_name(before)} before the interruption and continues in "
+                f"{precision_name(self.mixed_precision)} ({self.precision_reason}): the result is not the one an "
+                "uninterrupted run would give")
+
+    def _log_precision(self) -> None:
+        """One line, in train.log and on the console: the precision of this run and why, and the optimizer."""
+        lines = [f"precision {precision_name(self.mixed_precision)} ({self.precision_reason}) | optimizer "
+                 f"{self.optimizer_description}"]
+        logger.info(lines[0])
+        if self._precision_warning:
+            logger.warning(self._precision_warning)
+            lines.append(f"warning: {self._precision_warning}")
+        if self.show_progress and self.accelerator.is_main_process:
+            for line in lines:
+                tqdm.write(f"dlfa: {line}", file=sys.stderr)
+
+    def _build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the decay / no-decay groups, with the kernel and embedding updates asked for
+        (:mod:`dlfa.training.optim`: lazy embedding updates change AdamW for the embedding rows a batch does not
+        touch)."""
+        cfg = self.config
+        lazy = cfg.embedding_updates == "lazy"
+        if lazy and self.accelerator.num_processes > 1 and self.accelerator.device.type != "cpu":
+            raise DlfaInputError("lazy embedding updates need sparse gradients, which data-parallel training "
+                                 "reduces on CPU (gloo) only; use --embedding-updates dense", option="--embedding-updates")
+        try:
+            optimizer = build_optimizer(model, self._parameter_groups(model), cfg.learning_rate,
+                                        cfg.adamw_implementation, cfg.embedding_updates)
+        except ValueError as exc:
+            raise DlfaInputError(str(exc), option="--embedding-updates") from None
+        embeddings = word_embeddings(model)
+        table = ("frozen word embeddings" if embeddings is None or not embeddings.weight.requires_grad
+                 else f"{'lazy' if lazy else 'dense'} updates of the {embeddings.weight.shape[0]}-row word-embedding "
+                      "table")
+        self.optimizer_description = f"AdamW ({kernel_name(optimizer)} kernel), {table}"
+        return optimizer
 
     # Hooks for recipes of other methods (X-Mixup): the training data, the model, the training loss.
 
@@ -261,7 +346,9 @@ class FinetuneRecipe:
                                  option="--output")
         if self.resume:
             if saved != self.config.run_fields():
-                raise DlfaInputError(f"{out} holds a run with another configuration; cannot resume it", option="--output")
+                raise DlfaInputError(f"{out} holds a run with another configuration "
+                                     f"({_differences(saved, self.config.run_fields())}); cannot resume it",
+                                     option="--output")
             recover_folder(out / CHECKPOINT_DIR, lambda p: (p / CHECKPOINT_CHECKSUMS).is_file())
             recover_folder(out / BEST_DIR, lambda p: (p / CHECKPOINT_CHECKSUMS).is_file())
             if (out / CHECKPOINT_DIR / "state.json").is_file():
@@ -356,6 +443,9 @@ class FinetuneRecipe:
                 "train_features": len(self.train_features),
                 "num_processes": self.accelerator.num_processes,
                 "device": str(self.accelerator.device),
+                "mixed_precision": self.mixed_precision,
+                "mixed_precision_reason": self.precision_reason,
+                "optimizer": self.optimizer_description,
             },
             "versions": {
                 "dlfa": __version__,
@@ -418,7 +508,8 @@ class FinetuneRecipe:
                                                  option="--learning-rate")
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and cfg.max_grad_norm:
-                            meter.grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                            # accelerator.clip_grad_norm_, also for the sparse gradients of lazy embedding updates
+                            meter.grad_norm = clip_gradients(accelerator, self.model.parameters(), cfg.max_grad_norm)
                         self.optimizer.step()
                         self.scheduler.step()
                         self.optimizer.zero_grad()
@@ -596,7 +687,8 @@ class FinetuneRecipe:
             return None
         saved = _saved_run(self.output_dir)
         if saved is not None and saved != self.config.run_fields():
-            raise DlfaInputError(f"{self.output_dir} holds a run with another configuration", option="--output")
+            raise DlfaInputError(f"{self.output_dir} holds a run with another configuration "
+                                 f"({_differences(saved, self.config.run_fields())})", option="--output")
         return json.loads(path.read_text(encoding="utf-8"))
 
     def cleanup(self) -> None:
@@ -665,9 +757,18 @@ def _saved_run(run_dir: Path) -> dict[str, Any] | None:
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))["config"]
         saved = {k: v for k, v in saved.items() if k not in LOCATION_FIELDS}
-        return TrainConfig.from_dict({**saved, "output_dir": str(run_dir)}).run_fields()
+        # A run saved before an option existed ran with that option's old behaviour, not with today's default.
+        return TrainConfig.from_dict({**LEGACY_VALUES, **saved, "output_dir": str(run_dir)}).run_fields()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, DlfaInputError):
         return None
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], shown: int = 3) -> str:
+    """Which run fields differ, e.g. "mixed_precision: no there, auto here" (runs saved before a default
+    changed differ in that field: pass the saved value to continue them)."""
+    names = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+    text = "; ".join(f"{name}: {saved.get(name)!r} there, {current.get(name)!r} here" for name in names[:shown])
+    return text + (f"; {len(names) - shown} more" if len(names) > shown else "")
 
 
 def load_pretrained(load, name: str):
@@ -742,6 +843,17 @@ class StepMeter:
             values["train/grad_norm"] = float(self.grad_norm)
         self.loss, self.batches, self.tokens, self.since = 0.0, 0, 0, time.time()
         return values
+
+
+def _release_accelerator_state(mixed_precision: str, num_processes: int) -> None:
+    """accelerate keeps one mixed precision per process and refuses another one: a run in a (single) process that
+    ran a run of another precision before (the Python API, a notebook) starts from a fresh accelerator state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    before = AcceleratorState._shared_state.get("_mixed_precision")
+    if before is not None and before != mixed_precision and num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
 
 
 def _cpu_processes() -> bool:

@@ -789,7 +789,7 @@ def _fmt(value: float | None) -> str:
 def evaluate_folder(model_dir: str | Path, task, data_dir: str | Path, examples: dict[str, list], train_language: str,
                     max_length: int, batch_size: int = 64, translate_test: str | None = None,
                     scorer: str | None = None, preprocessing: str | None = None,
-                    ) -> tuple[XMixupModel, dict[str, dict[str, Any]]]:
+                    autocast_dtype: torch.dtype | None = None) -> tuple[XMixupModel, dict[str, dict[str, Any]]]:
     """Per-language metrics of a saved X-Mixup model (``dlfa evaluate``): mixup inference for the languages with a
     translate-test file (and English, mixed with itself), the target alone for the others (``"inference"``)."""
     from transformers import AutoTokenizer
@@ -812,7 +812,8 @@ def evaluate_folder(model_dir: str | Path, task, data_dir: str | Path, examples:
                 translations = read_sentence_translations(path, task.name, originals)[: len(rows)]
         features = evaluation_features(task, rows, translations, tokenizer, max_length)
         collator = ParallelCollator(tokenizer, task.head, pad_to if translations is not None else None)
-        predictions = predict_xmixup(model, features, collator, batch_size, desc=f"eval {lang}")
+        predictions = predict_xmixup(model, features, collator, batch_size, desc=f"eval {lang}",
+                                     autocast_dtype=autocast_dtype)
         per_language[lang] = {**task.score(rows, features, predictions, scorer=scorer),
                               "inference": "mixup" if translations is not None else "target-only"}
     return model, per_language
