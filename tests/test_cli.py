@@ -147,6 +147,7 @@ def test_demo_end_to_end_on_the_shipped_sample(tiny_model_dir, tmp_path, capsys)
     for name in ("demo.md", "demo.png", "demo.svg", "seed-1/baseline/metrics.json", "seed-2/dlfa/metrics.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "seed-2/dlfa/metrics.json").read_text(encoding="utf-8"))["fuse_layer"] == 2
+    assert not list(out.rglob("*.safetensors"))  # the demo keeps no weights unless --keep-weights
     printed = capsys.readouterr().out
     assert "D_2" in printed and "over 2 seeds" in printed and "fine-tunings" in printed
     # A second demo into the same folder refuses to overwrite it: one line, exit status 2.

@@ -226,3 +226,16 @@ def test_gate_init_variant_has_rows_of_its_own(tiny_model_dir, tiny_udpos_dir, t
     assert [row[1] for row in table.rows] == ["baseline", "D_2", "gate-baseline+D_2"]
     variant = next(r.row for r in report.runs if r.row.family == "gate-baseline")
     assert variant.base.label == "baseline"
+
+
+def test_disk_estimate_counts_kept_models_only(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    from dlfa.training.config import TrainConfig
+    from dlfa.training.sweep import disk_estimate
+
+    weights = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors"))
+    cell = TrainConfig(task="udpos", model=str(tiny_model_dir), data_dir=str(tiny_udpos_dir),
+                       output_dir=str(tmp_path / "cell"))
+    lean = TrainConfig(task="udpos", model=str(tiny_model_dir), data_dir=str(tiny_udpos_dir),
+                       output_dir=str(tmp_path / "lean"), keep_weights=False)
+    assert disk_estimate([cell, cell, lean]).startswith(f"disk: about {2 * weights / 1e9:.1f} GB for the models of 2 cells")
+    assert disk_estimate([lean, lean]).startswith("disk: no model kept (--no-keep-weights")

@@ -275,7 +275,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("train", "fine-tune on English, select on English dev, score every target language zero-shot",
             _train_configs, _train, resume_hint=_RESUME),
     Command("evaluate", "score a trained run (or a saved model) on target languages", _evaluate_configs, _evaluate),
-    Command("demo", "baseline against DLFA on the shipped POS sample, with the embedded model (a few minutes)",
+    Command("demo", "baseline against DLFA on the shipped POS sample, with the embedded model (about 5 minutes)",
             _demo_configs, _demo),
     Command("sweep", "tasks x {baseline, D_1..D_(N-1)} x seeds; resumable, local or on Ray", _sweep_configs, _sweep,
             resume_hint="to continue, run the same command again: finished cells are skipped, stopped ones resume"),

@@ -324,6 +324,8 @@ class DemoConfig(Config):
     batch_size: int = option(16, low=1, high=65536, help="training batch")
     learning_rate: float = option(1e-4, low=0, high=1, low_open=True, help="peak learning rate")
     freeze_embeddings: bool = option(True, help="freeze the 96M-parameter word-embedding table (fast on CPU)")
+    keep_weights: bool = option(False, help="keep each run's model weights (490 MB per run for the embedded "
+                                            "model); off: the demo leaves its tables, plot and metrics only")
     overwrite: bool = option(False, help="replace an earlier demo output (only a folder made by dlfa demo)")
 
     def check(self) -> None:

@@ -22,7 +22,14 @@ from dlfa.training.config import DemoConfig, TrainConfig
 
 METRIC = "accuracy"  # on a toy sample, word accuracy is the easiest number to read
 DEMO_FILE = "demo.json"
-SECONDS_PER_RUN = 45  # measured on 2 idle cores (benchmarks/run.py --only demo); the estimate printed up front
+# Seconds per fine-tuning and its scoring on 2 idle cores (the estimate printed up front), fitted to
+# benchmarks/load.py (2026-12-01): 2 runs of 1 epoch took 29.3 s, the default demo (4 runs of 6 epochs) 284.7 s.
+SECONDS_PER_RUN_FIXED = 4.0
+SECONDS_PER_EPOCH = 11.2
+
+
+def _estimate_minutes(runs: int, epochs: float) -> float:
+    return max(runs * (SECONDS_PER_RUN_FIXED + SECONDS_PER_EPOCH * epochs) / 60, 1.0)
 
 
 def demo_data_dir() -> Path:
@@ -34,7 +41,7 @@ def _train_config(config: DemoConfig, name: str, fuse_layer: int | None, seed: i
         task="udpos", model=config.model, data_dir=str(demo_data_dir()),
         output_dir=str(Path(config.output_dir) / f"seed-{seed}" / name), fuse_layer=fuse_layer, epochs=config.epochs,
         batch_size=config.batch_size, learning_rate=config.learning_rate, seed=seed,
-        freeze_embeddings=config.freeze_embeddings, warmup_ratio=0.1,
+        freeze_embeddings=config.freeze_embeddings, warmup_ratio=0.1, keep_weights=config.keep_weights,
     )
 
 
@@ -140,7 +147,7 @@ def run_demo(config: DemoConfig, echo=print) -> dict[str, Any]:
     output = Path(config.output_dir)
     runs = 2 * len(config.seeds)
     echo(f"dlfa demo: {runs} fine-tunings (baseline and D_{config.fuse_layer}, seeds "
-         f"{','.join(map(str, config.seeds))}) on the shipped POS sample; about {runs * SECONDS_PER_RUN / 60:.0f} min "
+         f"{','.join(map(str, config.seeds))}) on the shipped POS sample; about {_estimate_minutes(runs, config.epochs):.0f} min "
          "on 2 idle cores")
     started = time.time()
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}

@@ -201,8 +201,11 @@ def disk_estimate(cells: Sequence[TrainConfig]) -> str:
     if not weights:
         return "disk: each cell keeps a copy of the encoder's weights (--no-keep-weights: only what reports need)"
     kept = sum(cell.keep_weights for cell in cells)
+    if not kept:
+        return (f"disk: no model kept (--no-keep-weights: each cell's {weights / 1e6:.0f} MB of weights is deleted "
+                "once it is scored; metrics and logs stay)")
     return (f"disk: about {kept * weights / 1e9:.1f} GB for the models of {kept} cells ({weights / 1e6:.0f} MB "
-            f"each" + (", --no-keep-weights deletes them once a cell is scored" if kept else "") + ")")
+            f"each, --no-keep-weights deletes them once a cell is scored)")
 
 
 class SweepProgress:
