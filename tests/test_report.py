@@ -752,3 +752,29 @@ def test_keep_weights_off_prunes_a_finished_run(tiny_model_dir, tiny_udpos_dir, 
                  "--output", str(run), "--epochs", "1", "--batch-size", "4", "--no-keep-weights"]) == 0
     assert (run / "metrics.json").is_file() and (run / "pruned.json").is_file()
     assert not (run / "best" / "model.safetensors").exists() and (run / "best" / "config.json").is_file()
+
+
+def test_variant_rows_are_compared_with_the_papers_row_at_the_same_layer(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in (1, 2, 3):
+        base = {"en": 80.0 + seed, "de": 70.0, "zh": 60.0}
+        make_run(root / f"xnli/tiny/baseline/seed-{seed}", "xnli", base, seed=seed, dev=80.0)
+        make_run(root / f"xnli/tiny/D_2/seed-{seed}", "xnli", {**base, "de": 71.0}, fuse_layer=2, seed=seed,
+                 dev=81.0)
+        if seed < 3:  # the variant ran two seeds: only those are paired
+            make_run(root / f"xnli/tiny/gate-baseline+D_2/seed-{seed}", "xnli",
+                     {**base, "de": 71.0 + 3 * seed, "zh": 59.0}, method="gate-baseline", fuse_layer=2, seed=seed,
+                     dev=81.0 + seed)
+    report = Report(collect_runs([root]).runs)
+    table, records = report.variant_table()
+    assert len(records) == 1
+    record = records[0]
+    assert (record["row"], record["compared_with"], record["seeds"]) == ("gate-baseline+D_2", "D_2", [1, 2])
+    # average over en, de, zh: (3 s - 1) / 3 per seed -> 2/3 and 5/3
+    assert record["delta_mean"] == pytest.approx(statistics.fmean([2 / 3, 5 / 3]))
+    assert record["delta_std"] == pytest.approx(statistics.stdev([2 / 3, 5 / 3]))
+    assert record["delta_dev_mean"] == pytest.approx(1.5)
+    assert (record["targets_better"], record["targets"]) == (1, 2)  # de better, zh worse
+    assert table.rows[0][7] == "1 of 2"
+    out = write_report([root], tmp_path / "report")
+    assert "variants.md" in {Path(f).name for f in out["files"]}

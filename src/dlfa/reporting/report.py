@@ -748,6 +748,46 @@ class Report:
         pairs = [(r.seed, r.score - base[r.seed]) for r in self.groups.get((task, model, row), []) if r.seed in base]
         return _stat([d for _, d in pairs], [s for s, _ in pairs]) if pairs else None
 
+    def variant_table(self) -> tuple[Table, list[dict[str, Any]]]:
+        """Each DLFA variant row (``gate-baseline+D_x``, ``mscam+D_x``, ...) against the paper's row of its method at
+        the same layer (``D_x``), seed by seed: the comparison that isolates the variant."""
+        from dlfa.training.config import VARIANT_NAMES
+
+        table = Table("DLFA variants against the paper's D_x at the same layer: paired differences over the same "
+                      "seeds (variant minus paper), English dev and average (Table 1)",
+                      ["task", "model", "row", "compared with", "seeds", "Δ en dev (paired)", "Δ average (paired)",
+                       "targets better"], [], label_columns=4, key="variants")
+        records = []
+        for task in self.tasks:
+            for model, row in self.row_keys:
+                parts = [p for p in row.family.split("+") if p]
+                if row.fuse_layer is None or not any(p in VARIANT_NAMES for p in parts):
+                    continue
+                paper = Row("+".join(p for p in parts if p not in VARIANT_NAMES), row.fuse_layer)
+                mine = {r.seed: r for r in self.groups.get((task, model, row), []) if r.seed is not None}
+                theirs = {r.seed: r for r in self.groups.get((task, model, paper), []) if r.seed is not None}
+                seeds = sorted(set(mine) & set(theirs))
+                if not seeds:
+                    continue
+                average = _stat([mine[s].score - theirs[s].score for s in seeds], seeds)
+                dev_pairs = [s for s in seeds if mine[s].dev_score is not None and theirs[s].dev_score is not None]
+                dev = _stat([mine[s].dev_score - theirs[s].dev_score for s in dev_pairs], dev_pairs) \
+                    if dev_pairs else None
+                targets = sorted(set.intersection(*(set(mine[s].languages) & set(theirs[s].languages) for s in seeds))
+                                 - {SELECTION_LANGUAGE})
+                better = sum(statistics.fmean(mine[s].languages[lang] - theirs[s].languages[lang] for s in seeds) > 0
+                             for lang in targets)
+                table.rows.append([task, model_label(model), row.label, paper.label, ",".join(map(str, seeds)),
+                                   "–" if dev is None else dev.text(), average.text(), f"{better} of {len(targets)}"])
+                records.append({"task": task, "model": model, "row": row.label, "compared_with": paper.label,
+                                "seeds": seeds, "delta_dev_mean": None if dev is None else dev.mean,
+                                "delta_dev_std": None if dev is None else dev.std, "delta_mean": average.mean,
+                                "delta_std": average.std, "targets_better": better, "targets": len(targets)})
+        table.notes.append("targets better: target languages (English left out) where the variant's mean over the "
+                           "paired seeds is higher. Both rows are compared with the same baseline in the selection "
+                           "table.")
+        return table, records
+
     def selection_table(self) -> tuple[Table, list[dict[str, Any]]]:
         table = Table("Layer selection on English dev (the only selection signal): dev score of each row, its "
                       "average (Table 1), and the paired difference to its base row over the same seeds",
@@ -1112,6 +1152,9 @@ def write_report(
     outputs = [("table1", [t1], r1), ("table2", t2, r2), ("table4", t4, r4), ("seeds", [seeds], rs)]
     if selection.rows:
         outputs.append(("selection", [selection], rsel))
+    variants, rv = report.variant_table()
+    if variants.rows:
+        outputs.append(("variants", [variants], rv))
     for name, tables, records in outputs:
         put(f"{name}.md", "\n".join(table_markdown(t) for t in tables))
         put(f"{name}.csv", records_csv(records))
@@ -1169,6 +1212,8 @@ def write_report(
     ]
     if selection.rows:
         lines.append(table_markdown(selection))
+    if variants.rows:
+        lines.append(table_markdown(variants))
     if proxy:
         lines.append(proxy)
     lines += [table_markdown(t) for t in t2] + [table_markdown(t) for t in t4] + [table_markdown(seeds)]
