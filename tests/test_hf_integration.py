@@ -478,6 +478,16 @@ def test_model_card_is_written_from_metrics(pos_run):
     assert "* CC BY-NC-SA 3.0: de-test.conllu" in card and "* CC BY-SA 4.0: en-train.conllu" in card
     assert "not listed in MANIFEST.tsv: " in card and "Universal Dependencies v2.5" in card
     assert "no target-language" in card
+    steps = run["resolved"]["total_steps"]
+    assert f"* Optimisation: 2.0 epochs ({steps} optimizer steps), learning rate 0.003, batch size 4, seed 3." in card
+    assert "(scorer `xtreme-2020`, dlfa's udpos f1, in percent)" in card
+
+
+def test_model_card_names_the_steps_of_a_max_steps_run():
+    from dlfa.modeling.card import _length
+
+    assert _length({"epochs": 10.0, "max_steps": 200}, {"total_steps": 200}) == "200 optimizer steps (--max-steps)"
+    assert _length({"epochs": 3.0}, {}) == "3.0 epochs"
 
 
 def test_model_card_can_be_rewritten_and_needs_a_finished_run(pos_run, tmp_path):

@@ -169,14 +169,15 @@ def model_card(run_dir: str | Path) -> str:
             f"* Checkpoint selection: {train_language} `{selection.get('split', train.get('dev_split', 'dev'))}`"
             + (" (held out of the training file by seed)" if selection.get("held_out_from_training_file") else "")
             + f", {primary}; best at step {selection.get('best_step', '?')} of {resolved.get('total_steps', '?')}.",
-            f"* Optimisation: {train.get('epochs', '?')} epochs, learning rate {train.get('learning_rate', '?')}, "
+            f"* Optimisation: {_length(train, resolved)}, learning rate {train.get('learning_rate', '?')}, "
             f"batch size {train.get('batch_size', '?')}, seed {metrics.get('seed', train.get('seed', '?'))}."]
 
     out += ["", "## Results", "",
             f"English-dev ({train_language} `{selection.get('split', 'dev')}`) {primary}: "
             f"**{_number(selection.get('best_score'))}** (the only selection signal).", "",
-            f"Zero-shot {primary} on `{metrics.get('eval_split', task.eval_split)}` (scorer: dlfa's {task.name} "
-            f"{primary}" + (f", {train['scorer']}" if train.get("scorer") else "") + ", in percent):", "",
+            f"Zero-shot {primary} on `{metrics.get('eval_split', task.eval_split)}` (scorer "
+            f"`{metrics.get('scorer') or train.get('scorer') or task.get_scorer(None).name}`, dlfa's {task.name} "
+            f"{primary}, in percent):", "",
             f"| language | {primary} |", "|---|---|"]
     leaky = set(metrics.get("leaky_languages") or [])
     for lang, scores in metrics.get("languages", {}).items():
@@ -228,3 +229,11 @@ def write_model_card(run_dir: str | Path) -> Path:
         raise DlfaInputError("run folder has no saved model (best/ missing)", path=run_dir)
     write_text_atomic(path, model_card(run_dir))
     return path
+
+
+def _length(train: dict, resolved: dict) -> str:
+    """How long the run trained: the optimizer steps it took (``max_steps`` wins over ``epochs``)."""
+    steps = resolved.get("total_steps")
+    if train.get("max_steps"):
+        return f"{train['max_steps']} optimizer steps (--max-steps)"
+    return f"{train.get('epochs', '?')} epochs" + (f" ({steps} optimizer steps)" if steps else "")
