@@ -193,7 +193,7 @@ class MixingRatio(nn.Module):
             self.entropy_dense.bias.zero_()
 
     def forward(self, entropy: torch.Tensor) -> torch.Tensor:
-        # In fp32 even under bf16 autocast: H is ~10 at the start, and bf16 rounds sigmoid(10) to exactly 1, which
+        # In fp32 even under bf16 autocast: bf16 sigmoid is exactly 1 from 6.24 on (H can start near 10), which
         # would pin lambda to lambda_0 and zero its gradient.
         with torch.autocast(entropy.device.type, enabled=False):
             dense = self.entropy_dense(entropy.unsqueeze(-1).to(self.entropy_dense.weight.dtype))
