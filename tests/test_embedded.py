@@ -667,3 +667,12 @@ def test_cache_root_selection(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("DLFA_CACHE_DIR", str(tmp_path / "env"))
     assert embedded_cache_root() == tmp_path / "env"
     assert embedded_cache_root(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_first_use_conversion_says_what_and_where_in_one_line(tiny_source: Path, tmp_path: Path, capsys) -> None:
+    folder = embedded_model_dir(NAME, cache_dir=tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dlfa: converting the embedded model {NAME}")
+    assert str(folder) in err[0] and "once" in err[0]
+    embedded_model_dir(NAME, cache_dir=tmp_path)  # the cached folder: nothing to say
+    assert capsys.readouterr().err == ""
