@@ -1,11 +1,14 @@
-"""The README's command lines are real: every ``dlfa ...`` line in its bash blocks parses, and its options pass the
-command's configuration checks (values, ranges, cross-field rules). Paths are not checked: the README's
-``path/to/...`` stand for the reader's folders. The Python lines are run by test_hf_integration."""
+"""The documented command lines are real: every ``dlfa ...`` line in the bash blocks of the README, docs/*.md and
+benchmarks/README.md parses, and its options pass the command's configuration checks (values, ranges, cross-field
+rules). Shell variables set in the same block (``COMMON="..."``, ``for seed in 1 2 3``) are expanded first. Paths
+are not checked: ``path/to/...`` stand for the reader's folders. The README's Python lines are run by
+test_hf_integration."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import string
 from pathlib import Path
 
 import pytest
@@ -13,14 +16,30 @@ import pytest
 from dlfa.cli.main import parse
 from dlfa.options import parse_config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 
 
-def readme_commands() -> list[str]:
-    """Each ``dlfa`` command of the README's bash blocks, continuation lines joined, comments dropped."""
+def _variables(block: str) -> dict[str, str]:
+    """``NAME=value`` assignments and the first value of ``for NAME in a b c`` loops in a bash block."""
+    found = {}
+    for line in block.splitlines():
+        if match := re.match(r"\s*([A-Za-z_]\w*)=(.*)$", line):
+            found[match.group(1)] = " ".join(shlex.split(match.group(2)))
+        elif match := re.match(r"\s*for ([A-Za-z_]\w*) in (\S+)", line):
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def documented_commands(path: Path) -> list[str]:
+    """Each ``dlfa`` command of a Markdown file's bash blocks, continuation lines joined, comments dropped."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S):
+        block = block.replace("\\\n", " ")
+        template = string.Template(block)
+        block = template.safe_substitute(_variables(block))
+        for line in block.splitlines():
             if line.lstrip().startswith("#"):
                 continue
             for part in line.split("&&"):
@@ -30,6 +49,10 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def readme_commands() -> list[str]:
+    return documented_commands(README)
+
+
 def test_the_readme_has_dlfa_commands():
     commands = readme_commands()
     assert len(commands) >= 15 and "demo" in commands
@@ -37,8 +60,9 @@ def test_the_readme_has_dlfa_commands():
                                                  "download", "analyze"}
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_parses_and_validates(command):
+@pytest.mark.parametrize("command", [pytest.param(c, id=f"{p.name}: {c[:60]}") for p in DOCS
+                                     for c in documented_commands(p)])
+def test_documented_command_parses_and_validates(command):
     cli, given = parse(shlex.split(command))
     for config_class in cli.configs():
         names = config_class.field_names()
