@@ -239,3 +239,14 @@ def test_disk_estimate_counts_kept_models_only(tiny_model_dir, tiny_udpos_dir, t
                        output_dir=str(tmp_path / "lean"), keep_weights=False)
     assert disk_estimate([cell, cell, lean]).startswith(f"disk: about {2 * weights / 1e9:.1f} GB for the models of 2 cells")
     assert disk_estimate([lean, lean]).startswith("disk: no model kept (--no-keep-weights")
+
+
+def test_parallel_sweep_finishes_cleanly_and_a_rerun_skips_every_cell(tiny_model_dir, tiny_udpos_dir, tmp_path):
+    args = [sys.executable, "-m", "dlfa", "sweep", "--tasks", "udpos", "--data-dir", str(tiny_udpos_dir),
+            "--model", str(tiny_model_dir), "--layers", "2", "--seeds", "1", "--epochs", "1", "--batch-size", "4",
+            "--languages", "de", "--parallel", "2", "--no-keep-weights", "--output", str(tmp_path / "sweep")]
+    for expected in ("trained", "finished before"):
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+        assert sum(expected in line for line in lines) == 2, done.stdout

@@ -158,8 +158,10 @@ def _run_local(cells: Sequence[TrainConfig], parallel: int, threads: int) -> Ite
         for future in as_completed(futures):
             yield future.result()
     finally:
+        # The workers, taken before shutdown() forgets them: an interrupted sweep stops its running cells now.
+        workers = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(getattr(pool, "_processes", {}).values()):  # interrupted: stop the running cells now
+        for process in workers:
             if process.is_alive():
                 process.terminate()
 
