@@ -483,6 +483,19 @@ def test_model_card_is_written_from_metrics(pos_run):
     assert "(scorer `xtreme-2020`, dlfa's udpos f1, in percent)" in card
 
 
+def test_model_card_names_a_variant_row_with_its_layer(pos_run, tmp_path):
+    import shutil
+
+    from dlfa.modeling.card import model_card
+
+    copy = tmp_path / "run"
+    shutil.copytree(pos_run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    (copy / "metrics.json").write_text(json.dumps({**metrics, "method": "gate-baseline"}))
+    card = model_card(copy)
+    assert "| method | gate-baseline+D_2 |" in card and "# gate-baseline+D_2 on" in card
+
+
 def test_model_card_names_the_steps_of_a_max_steps_run():
     from dlfa.modeling.card import _length
 

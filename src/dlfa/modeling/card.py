@@ -113,7 +113,7 @@ def model_card(run_dir: str | Path) -> str:
     hidden = encoder.get("hidden_size") or encoder.get("dim")
     row = {"baseline": "baseline (the head reads the last layer)",
            "dlfa": f"DLFA D_{fuse_layer}", "xmixup": "X-Mixup" + (f" + DLFA D_{fuse_layer}" if fuse_layer else "")
-           }.get(method, method)
+           }.get(method, f"{method}+D_{fuse_layer}" if fuse_layer is not None else method)  # variants: gate-baseline+D_8
     selection = metrics.get("selection", {}) if isinstance(metrics.get("selection"), dict) else {}
     labels = [model_config.get("id2label", {})[k] for k in sorted(model_config.get("id2label", {}), key=int)]
     pipeline_tag = "token-classification" if task.head == "token" else "text-classification"
