@@ -1,4 +1,4 @@
-"""Section f of ``benchmarks/run.py``: training throughput of two data-parallel processes against one.
+"""Section h of ``benchmarks/run.py``: training throughput of two data-parallel processes against one.
 
 Both variants train the same model on the same data with the same global batch through ``dlfa train``: one
 process with two threads, and ``torchrun --nproc_per_node 2`` with one thread per process (gloo on the CPU,
@@ -62,7 +62,7 @@ def bench_processes(data_dir: str, model: str, steps: int, batch_size: int, roun
         for i, processes in enumerate(order):
             result = _train(processes, args, Path(tmp) / f"run-{i}-{processes}", threads)
             results[processes].append(result)
-            log(f"  f. {processes} process(es): {result['tokens_per_second']:.0f} real tokens/s")
+            log(f"  h. {processes} process(es): {result['tokens_per_second']:.0f} real tokens/s")
     one = statistics.median(r["tokens_per_second"] for r in results[1])
     two = statistics.median(r["tokens_per_second"] for r in results[2])
     return {"one_process_tokens_per_second": one, "two_processes_tokens_per_second": two, "ratio": two / one,
