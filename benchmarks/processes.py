@@ -20,21 +20,9 @@ from typing import Any
 
 
 def _scalars(run: Path, tag: str) -> list[float]:
-    import glob
-    import struct
+    from dlfa.training.tracking import tensorboard_scalars
 
-    from tensorboardX.proto import event_pb2
-
-    values = []
-    for path in sorted(glob.glob(str(run / "logs" / "*" / "events.out.tfevents.*"))):
-        data, i = Path(path).read_bytes(), 0
-        while i < len(data):
-            (length,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12:i + 12 + length])
-            i += 12 + length + 4
-            values += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
-    return [v for _, v in sorted(values)]
+    return [v for _, v in sorted(tensorboard_scalars(run).get(tag, []))]
 
 
 def _train(processes: int, args: list[str], out: Path, threads_total: int) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import glob
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import CONLLU_SENTENCES, write_conllu
+
+from dlfa.training.tracking import tensorboard_scalars
 
 pytest.importorskip("tensorboardX")
 
@@ -90,20 +91,7 @@ def kill_9(proc: subprocess.Popen) -> None:
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the run's TensorBoard event files: tag -> [(step, value)] (TFRecord, read with protobuf)."""
-    from tensorboardX.proto import event_pb2
-
-    values: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(glob.glob(str(run / "logs" / "*" / "events.out.tfevents.*"))):
-        data, i = Path(path).read_bytes(), 0
-        while i < len(data):
-            (length,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12:i + 12 + length])
-            i += 12 + length + 4
-            for value in event.summary.value:
-                values.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return values
+    return tensorboard_scalars(run)
 
 
 @pytest.fixture(scope="module")
