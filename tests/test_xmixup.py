@@ -674,6 +674,20 @@ def test_train_and_evaluate_end_to_end_target_only(tiny_model_dir, tiny_xnli_dir
         assert again["languages"][lang]["inference"] == "target-only"
 
 
+def _record_training_sources(monkeypatch) -> list:
+    """The ``src_input_ids`` of every training forward of an X-Mixup model, in order (the batch's source)."""
+    sources = []
+    original = XMixupModel.forward
+
+    def spy(self, *args, **kwargs):
+        if self.training:
+            sources.append(kwargs.get("src_input_ids"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(XMixupModel, "forward", spy)
+    return sources
+
+
 def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir, tiny_xnli_dir, tmp_path,
                                                                   monkeypatch):
     """Every batch is mixed; the source is gold or back-translated by the schedule's draws; languages with a
@@ -687,15 +701,8 @@ def test_back_translations_scheduled_sampling_and_mixup_inference(tiny_model_dir
     _write(folder / "test-de-en-translated.tsv", [r.split("\t") for r in
                                                   (tiny_xnli_dir / "test-en.tsv").read_text().splitlines()])
     options = {"xmixup_back_translation": [f"{k}={v}" for k, v in back.items()], "xmixup_translate_test": str(folder)}
-    sources = []
     original = XMixupModel.forward
-
-    def spy(self, *args, **kwargs):
-        if self.training:
-            sources.append(kwargs.get("src_input_ids"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(XMixupModel, "forward", spy)
+    sources = _record_training_sources(monkeypatch)
     out = tmp_path / "run"
     recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, out, xmixup_schedule_k=2.0, **options),
                           show_progress=False)
@@ -756,15 +763,7 @@ def test_without_back_translations_every_batch_mixes_with_the_gold_source(tiny_m
                                                                          monkeypatch):
     """The schedule only chooses between gold and back-translated sources: without back-translations every batch
     is mixed with its gold source, however low the schedule's p has fallen (k = 0.5: p < 0.1 after two steps)."""
-    sources = []
-    original = XMixupModel.forward
-
-    def spy(self, *args, **kwargs):
-        if self.training:
-            sources.append(kwargs.get("src_input_ids"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(XMixupModel, "forward", spy)
+    sources = _record_training_sources(monkeypatch)
     recipe = XMixupRecipe(_config(tiny_model_dir, tiny_xnli_dir, tmp_path / "r", languages=["de"],
                                   xmixup_schedule_k=0.5), show_progress=False)
     metrics = recipe.run()
