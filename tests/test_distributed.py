@@ -29,8 +29,10 @@ LOSS_TOLERANCE = 0.05  # relative: the per-step training loss of 2 processes aga
 
 
 def _env() -> dict[str, str]:
-    # One thread per process, for both runs: float sums depend on the thread count.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    # One thread per process, for both runs: float sums depend on the thread count. faulthandler: a process that
+    # hangs prints its threads' stacks when _run aborts it.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONFAULTHANDLER": "1"}
 
 
 def _torchrun(*args: str) -> list[str]:
@@ -47,10 +49,24 @@ def _train_args(model_dir, data_dir, out, *extra) -> list[str]:
             "--batch-size", "4", "--learning-rate", "1e-3", "--eval-batch-size", "1", *extra]
 
 
-def _run(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run to the end (each command here takes well under a minute). One that hangs fails the test with the Python
+    stacks of its processes: they are sent SIGABRT, which faulthandler answers with a dump on stderr."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(proc.pid):
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        kill_9(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"no exit after {timeout} s: {' '.join(command[2:6])} ...; its stacks:\n{err[-8000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -279,3 +295,18 @@ def test_xmixup_with_two_processes_matches_one_and_resumes_exactly(tiny_model_di
         return metrics
 
     assert comparable(killed) == comparable(two), (killed, two)
+
+
+def test_end_process_group_ends_it_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from dlfa.training.recipe import end_process_group
+
+    end_process_group()  # none yet
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

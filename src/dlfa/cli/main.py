@@ -54,9 +54,12 @@ def _train(given: dict[str, Any]) -> int:
     control = parse_config(RunControl, given)
     config = parse_config(TrainConfig, _split(given, TrainConfig), file=control.config)
     config.check_paths()  # before the heavy imports below: a wrong folder is refused at once
-    from dlfa.training.recipe import recipe_class
+    from dlfa.training.recipe import end_process_group, recipe_class
 
-    result = recipe_class(config.method)(config, overwrite=control.overwrite, resume=control.resume).run()
+    recipe = recipe_class(config.method)(config, overwrite=control.overwrite, resume=control.resume)
+    result = recipe.run()
+    del recipe  # before the process group ends: the model wrapper holds it
+    end_process_group()
     if _main_process():
         _print_run_summary(result)
     return 0

@@ -711,8 +711,10 @@ class FinetuneRecipe:
             started = True
             self.train()
             result = self.evaluate()
-            if self.config.report_to != "none":
-                self.accelerator.end_training()
+            # Trackers end with the run. The process group is the process's, not the run's (a caller may run
+            # more): the entry point ends it, see end_process_group().
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
             if self.accelerator.is_main_process:
                 # The run is complete: the resumption state (weights + optimizer moments) is no longer needed.
                 shutil.rmtree(self.output_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -854,6 +856,24 @@ def _release_accelerator_state(mixed_precision: str, num_processes: int) -> None
     if before is not None and before != mixed_precision and num_processes == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
+
+
+def end_process_group() -> None:
+    """End torch.distributed in this process (no-op without it), in one order on every process: let go of what
+    holds the group (the DDP wrapper and its reducer: the caller drops the recipe), meet the other processes, then
+    destroy the group. Before, the group was destroyed inside the run and the wrapper was freed whenever Python
+    got to it, after its peer may have exited; twice in about 17 test-suite runs a 2-process run then never ended,
+    rank 0 idle with its work done (pytorch/pytorch#75097 reports the same kind of hang). Call it after a run that
+    succeeded on every process: after a failure, a barrier would wait for a process that is gone."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _cpu_processes() -> bool:
