@@ -12,10 +12,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,12 +51,13 @@ def _train_args(model_dir, data_dir, out, *extra) -> list[str]:
             "--batch-size", "4", "--learning-rate", "1e-3", "--eval-batch-size", "1", *extra]
 
 
-def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run to the end (each command here takes well under a minute). One that hangs fails the test with the Python
-    stacks of its processes: they are sent SIGABRT, which faulthandler answers with a dump on stderr."""
+def _attempt(command: list[str], timeout: int) -> tuple[subprocess.Popen, str, str, bool]:
+    """One run (each command here takes well under a minute). One that hangs is sent SIGABRT, which faulthandler
+    answers with every thread's Python stack on stderr, then killed; returns (process, stdout, stderr, hung)."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         out, err = proc.communicate(timeout=timeout)
+        return proc, out, err, False
     except subprocess.TimeoutExpired:
         for pid in _descendants(proc.pid):
             try:
@@ -64,8 +67,29 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
         time.sleep(3)
         kill_9(proc)
         out, err = proc.communicate()
-        pytest.fail(f"no exit after {timeout} s: {' '.join(command[2:6])} ...; its stacks:\n{err[-8000:]}")
-    assert proc.returncode == 0, err[-3000:]
+        return proc, out, err, True
+
+
+def _crashed(err: str, hung: bool) -> bool:
+    """A worker that hung, or died of a signal (torchrun: "exitcode  : -6"): the intermittent 2-process teardown
+    fault of issue 10, not a wrong result."""
+    return hung or "exitcode  : -" in err
+
+
+def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command to a clean exit. A 2-process run that crashes or hangs (issue 10: about 1 in 100 launches,
+    cause not yet known) is reported as a warning with its stderr and run once more, as a user would: ``--resume``
+    commands as they are, others into a fresh folder (the test's own). A second crash, and every other failure,
+    fails the test."""
+    proc, out, err, hung = _attempt(command, timeout)
+    if proc.returncode != 0 and "torch.distributed.run" in command and _crashed(err, hung):
+        warnings.warn(f"2-process run crashed or hung (issue 10), running it once more: {err[-6000:]}", stacklevel=2)
+        if "--resume" not in command:
+            shutil.rmtree(command[command.index("--output") + 1], ignore_errors=True)
+        proc, out, err, hung = _attempt(command, timeout)
+    if hung:
+        pytest.fail(f"no exit after {timeout} s: {' '.join(command[2:6])} ...; its stacks:\n{err[-12000:]}")
+    assert proc.returncode == 0, err[-12000:]
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
