@@ -71,8 +71,8 @@ def _attempt(command: list[str], timeout: int) -> tuple[subprocess.Popen, str, s
 
 
 def _crashed(err: str, hung: bool) -> bool:
-    """A worker that hung, or died of a signal (torchrun: "exitcode  : -6"): the intermittent 2-process teardown
-    fault of issue 10, not a wrong result."""
+    """A worker that hung, or died of a signal (torchrun: "exitcode  : -6"): the intermittent 2-process fault of
+    issue 10, not a wrong result."""
     return hung or "exitcode  : -" in err
 
 
@@ -130,10 +130,6 @@ def kill_9(proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
-def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    return tensorboard_scalars(run)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ddp-data") / "udpos"
@@ -159,7 +155,7 @@ def test_two_processes_take_the_steps_epochs_and_schedule_of_one(runs):
     one, two = json.loads((runs["one"] / "config.json").read_text()), json.loads((runs["two"] / "config.json").read_text())
     assert (one["resolved"]["num_processes"], two["resolved"]["num_processes"]) == (1, 2)
     assert one["resolved"]["total_steps"] == two["resolved"]["total_steps"] == 12  # 2 epochs of 6 global batches
-    a, b = scalars(runs["one"]), scalars(runs["two"])
+    a, b = tensorboard_scalars(runs["one"]), tensorboard_scalars(runs["two"])
     assert [s for s, _ in a["train/learning_rate"]] == list(range(1, 13))
     assert a["train/learning_rate"] == b["train/learning_rate"]  # the whole schedule, to the last bit
     assert a["train/epoch"] == b["train/epoch"] and a["train/epoch"][-1] == (12, 2.0)
@@ -171,7 +167,7 @@ def test_two_processes_take_the_steps_epochs_and_schedule_of_one(runs):
 
 
 def test_trackers_log_the_training_curves_dev_metrics_and_final_scores(runs):
-    values = scalars(runs["two"])
+    values = tensorboard_scalars(runs["two"])
     for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/epoch"):
         assert len(values[tag]) == 12, tag  # --log-every 1
     assert all(v > 0 for _, v in values["train/tokens_per_second"])
@@ -294,7 +290,7 @@ def test_xmixup_with_two_processes_matches_one_and_resumes_exactly(tiny_model_di
     one, two = tmp_path / "one", tmp_path / "two"
     _run(_single(*args(one, *extra)))
     _run(_torchrun(*args(two, *extra)))
-    a, b = scalars(one), scalars(two)
+    a, b = tensorboard_scalars(one), tensorboard_scalars(two)
     assert len(a["train/learning_rate"]) == json.loads((one / "config.json").read_text())["resolved"]["total_steps"]
     assert a["train/learning_rate"] == b["train/learning_rate"] and a["train/epoch"] == b["train/epoch"]
     out = tmp_path / "again.json"

@@ -861,10 +861,10 @@ def _release_accelerator_state(mixed_precision: str, num_processes: int) -> None
 def end_process_group() -> None:
     """End torch.distributed in this process (no-op without it), in one order on every process: let go of what
     holds the group (the DDP wrapper and its reducer: the caller drops the recipe), meet the other processes, then
-    destroy the group. Before, the group was destroyed inside the run and the wrapper was freed whenever Python
-    got to it, after its peer may have exited; twice in about 17 test-suite runs a 2-process run then never ended,
-    rank 0 idle with its work done (pytorch/pytorch#75097 reports the same kind of hang). Call it after a run that
-    succeeded on every process: after a failure, a barrier would wait for a process that is gone."""
+    destroy the group. Destroying it inside the run and leaving the wrapper to Python's exit, after a peer may
+    have gone, preceded runs that never ended (issue 10; pytorch/pytorch#75097 reports the same kind of hang).
+    Call it after a run that succeeded on every process: after a failure, a barrier would wait for a process
+    that is gone."""
     import gc
 
     import torch.distributed as dist
