@@ -7,18 +7,22 @@
 #   TOP=1 (default): layers per task (9 cells per task; TOP=2: 15). RANKING_UDPOS / RANKING_PANX: an existing
 #   rank-layers ranking.json to take them from (benchmarks/validate_rank_layers.py writes rank/<task>/joint/);
 #   otherwise rank-layers runs here first (joint mode, seeds 1 and 2).
-# Cells are resumable: run it again after an interruption and finished cells are skipped. The run goes seed by seed,
-# so that an interrupted run holds whole seeds of every row.
+# Cells are resumable: run it again after an interruption; finished cells are skipped and interrupted ones continue
+# from their last checkpoint. The run goes seed by seed, so that an interrupted run holds whole seeds of every row.
+# Per seed, two one-cell-at-a-time sweeps run side by side (one torch thread per cell), each with half of the
+# seed's cells of both tasks, which keeps both cores busy (a task's three cells per seed would leave one idle).
 set -euo pipefail
 DATA=${DLFA_SHARED_DATA:-../shared/data}
 OUT=${1:-repro-cpu-long}
 DLFA=${DLFA:-dlfa}
 TOP=${TOP:-1}
-[ -d "$DATA/udpos" ] && [ -d "$DATA/panx" ] || { echo "reproduce_cpu_long.sh: no $DATA/udpos or $DATA/panx; nothing to do"; exit 0; }
+export DLFA_THREADS=1
+[ -d "$DATA/udpos" ] && [ -d "$DATA/panx" ] || {
+  echo "reproduce_cpu_long.sh: no $DATA/udpos or $DATA/panx; nothing to do"; exit 0; }
 
 # The short reproduction's settings, with --epochs 1 in place of --max-steps and English-dev selection every 200
 # steps (784 steps per epoch on UD-POS, 1,250 on PAN-X).
-COMMON=(--data-root "$DATA" --output "$OUT/sweep" --parallel 2 --epochs 1
+COMMON=(--data-root "$DATA" --output "$OUT/sweep" --parallel 1 --epochs 1
         --batch-size 16 --learning-rate 1e-4 --freeze-embeddings --eval-every 200 --max-dev-examples 1000
         --no-keep-weights)
 declare -A EVAL=([udpos]=200 [panx]=300)   # the first N sentences of every evaluation file, as reproduce_cpu.sh
@@ -45,12 +49,20 @@ for TASK in udpos panx; do
   echo "reproduce_cpu_long.sh: $TASK layers ${LAYERS[$TASK]} (the first $TOP of $RANKING)"
 done
 
+rows() {  # TASK SEED average|baseline: the sweep of that task's rows with one gate start (average: with the baseline)
+  local args=(--tasks "$1" --max-eval-examples "${EVAL[$1]}" --layers "${LAYERS[$1]}" --seeds "$2" "${COMMON[@]}")
+  if [ "$3" = average ]; then "$DLFA" sweep "${args[@]}"
+  else "$DLFA" sweep "${args[@]}" --no-baseline --gate-init baseline; fi
+}
+
 for SEED in 1 2 3; do
-  for TASK in udpos panx; do
-    ARGS=(--tasks "$TASK" --max-eval-examples "${EVAL[$TASK]}" --layers "${LAYERS[$TASK]}" --seeds "$SEED" "${COMMON[@]}")
-    "$DLFA" sweep "${ARGS[@]}"
-    "$DLFA" sweep "${ARGS[@]}" --no-baseline --gate-init baseline
-  done
+  # A failed cell is recorded in its folder, its sweep goes on; the other rows still run, then the script stops.
+  (s=0; rows udpos "$SEED" average || s=$?; rows panx "$SEED" baseline || s=$?; exit "$s") & FIRST=$!
+  (s=0; rows udpos "$SEED" baseline || s=$?; rows panx "$SEED" average || s=$?; exit "$s") & SECOND=$!
+  status=0
+  wait "$FIRST" || status=$?
+  wait "$SECOND" || status=$?
+  [ "$status" = 0 ] || exit "$status"
 done
 
 "$DLFA" report "$OUT/sweep" --output "$OUT/report"
