@@ -21,7 +21,7 @@ export DLFA_THREADS=1
   echo "reproduce_cpu_long.sh: no $DATA/udpos or $DATA/panx; nothing to do"; exit 0; }
 
 # The short reproduction's settings, with --epochs 1 in place of --max-steps and English-dev selection every 200
-# steps (784 steps per epoch on UD-POS, 1,250 on PAN-X).
+# steps (785 steps per epoch on UD-POS, about 1,250 on PAN-X).
 COMMON=(--data-root "$DATA" --output "$OUT/sweep" --parallel 1 --epochs 1
         --batch-size 16 --learning-rate 1e-4 --freeze-embeddings --eval-every 200 --max-dev-examples 1000
         --no-keep-weights)
