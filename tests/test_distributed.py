@@ -76,6 +76,13 @@ def _crashed(err: str, hung: bool) -> bool:
     return hung or "exitcode  : -" in err
 
 
+def _abort_lines(err: str) -> str:
+    """The lines that say why a worker died (a C++ exception's what(), gloo's enforce, Python's fatal error), which
+    a tail of the interleaved stderr of two workers can cut off, as it did in CI at 3cbedd0."""
+    keys = ("terminate called", "what():", "enforce fail", "Fatal Python error", "exitcode", "Signal ", "Error")
+    return "\n".join(line for line in err.splitlines() if any(key in line for key in keys))[-4000:]
+
+
 def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a command to a clean exit. A 2-process run that crashes or hangs (issue 10: about 1 in 100 launches,
     cause not yet known) is reported as a warning with its stderr and run once more, as a user would: ``--resume``
@@ -83,13 +90,14 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     fails the test."""
     proc, out, err, hung = _attempt(command, timeout)
     if proc.returncode != 0 and "torch.distributed.run" in command and _crashed(err, hung):
-        warnings.warn(f"2-process run crashed or hung (issue 10), running it once more: {err[-6000:]}", stacklevel=2)
+        warnings.warn(f"2-process run crashed or hung (issue 10), running it once more. Why:\n{_abort_lines(err)}\n"
+                      f"Its stderr's end:\n{err[-8000:]}", stacklevel=2)
         if "--resume" not in command:
             shutil.rmtree(command[command.index("--output") + 1], ignore_errors=True)
         proc, out, err, hung = _attempt(command, timeout)
     if hung:
         pytest.fail(f"no exit after {timeout} s: {' '.join(command[2:6])} ...; its stacks:\n{err[-12000:]}")
-    assert proc.returncode == 0, err[-12000:]
+    assert proc.returncode == 0, f"{_abort_lines(err)}\n---\n{err[-12000:]}"
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
