@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import pytest
 from conftest import shared_data, write_conllu
 
@@ -145,3 +148,20 @@ def test_real_udpos_files_parse():
     assert len(sentences) == 2001
     assert all(tag in UPOS_TAGS for s in sentences for tag in s.tags)
     assert len(TASK.available_languages(folder, "test")) >= 20
+
+
+def test_a_sentence_longer_than_the_model_is_windowed_without_transformers_false_alarm(tiny_tokenizer, caplog):
+    """transformers warns that a sequence over model_max_length "will result in indexing errors"; dlfa windows it
+    instead, so it asks the tokenizer not to warn and logs the split itself."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.model_max_length = 20
+    words = ["the", "cat", "sat", "on", "the", "mat"] * 10
+    sentences = [TaggedSentence(["a"], ["DET"]), TaggedSentence(words, ["DET"] * 60)]
+    with caplog.at_level(logging.INFO, logger="dlfa"):
+        features = tokenize_tagged(sentences, tokenizer, L2I, max_length=16)
+    assert len(features) == 6  # the short sentence, and 5 windows of the long one
+    assert not tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    assert [r.getMessage() for r in caplog.records if r.name == "dlfa"] == [
+        "1 of 2 sentences are longer than the 16-sub-token window: split at word boundaries into 5 windows "
+        "(no label dropped)"
+    ]

@@ -12,8 +12,12 @@ its own special tokens; no label is dropped or truncated.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+logger = logging.getLogger("dlfa")
 
 IGNORE_INDEX = -100
 _SUBWORD_MARKERS = ("▁", "##", "Ġ")
@@ -49,8 +53,11 @@ def tokenize_tagged(
     features: list[dict] = []
     for start in range(0, len(sentences), batch_size):
         chunk = sentences[start : start + batch_size]
+        # verbose=False: transformers would warn that a sentence longer than the model "will result in indexing
+        # errors", which is not so here: _windows splits it. The log line below says what happened instead.
         encoded = tokenizer(
-            [s.words for s in chunk], is_split_into_words=True, add_special_tokens=True, truncation=False
+            [s.words for s in chunk], is_split_into_words=True, add_special_tokens=True, truncation=False,
+            verbose=False,
         )
         for offset, sentence in enumerate(chunk):
             encoding = encoded.encodings[offset] if encoded.encodings else None
@@ -60,6 +67,10 @@ def tokenize_tagged(
             features.extend(
                 _windows(ids, word_ids, tokens, sentence, label_to_id, max_length, start + offset)
             )
+    windows = Counter(f["sentence_index"] for f in features)
+    if longer := [n for n in windows.values() if n > 1]:
+        logger.info("%d of %d sentences are longer than the %d-sub-token window: split at word boundaries into "
+                    "%d windows (no label dropped)", len(longer), len(sentences), max_length, sum(longer))
     return features
 
 
