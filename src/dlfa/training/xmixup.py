@@ -214,7 +214,7 @@ def pooled_tagging_features(task, sentences: Sequence[TaggedSentence], tokenizer
     for start in range(0, len(sentences), chunk):
         part = sentences[start:start + chunk]
         encoded = tokenizer([s.words for s in part], is_split_into_words=True, add_special_tokens=True,
-                            truncation=False)
+                            truncation=False, verbose=False)  # windowed above (task.featurize), not truncated
         for offset in range(len(part)):
             ids = encoded["input_ids"][offset]
             tokens = (encoded.encodings[offset].tokens if encoded.encodings
